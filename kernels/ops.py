@@ -1,0 +1,149 @@
+"""`torch.library` custom ops around the backends, with fake (meta) implementations.
+
+The ops are opaque to `torch.compile`: it traces through the public functions and the
+autograd Functions, sees each op as one node whose output shapes the fake implementations
+give, and never breaks the graph on the data-dependent checks or the launches inside.
+
+    siri::policy_loss_rows          -> (logprobs, entropy, loss_rows, kl, clipped, grad_logits)
+    siri::policy_loss_rows_inplace  -> (logprobs, entropy, loss_rows, kl, clipped); grad into logits
+    siri::token_logprobs            -> (logprobs, entropy, lse)
+    siri::token_logprobs_backward   -> grad_logits
+    siri::scale_grad_               grad *= scale, in place
+
+Per-row outputs are float32 [T]; an output that was not asked for is an empty tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .backends import RowOutputs, resolve_backend
+from .config import LossConfig, check_temperature
+from .validation import check_policy_values, check_target_values
+
+_POLICY_ARGS = (
+    "Tensor targets, Tensor advantages, Tensor weights, Tensor? old_logprobs, Tensor? ref_logprobs, "
+    "Tensor? rollout_logprobs, float temperature, float clip_low, float clip_high, float? dual_clip, "
+    "float kl_coef, str kl_estimator, float entropy_coef, float? tis_cap, str backend"
+)
+_ROWS = "Tensor, Tensor, Tensor, Tensor, Tensor"
+
+torch.library.define("siri::policy_loss_rows", f"(Tensor logits, {_POLICY_ARGS}, bool compute_grad) -> ({_ROWS}, Tensor)")
+torch.library.define("siri::policy_loss_rows_inplace", f"(Tensor(a!) logits, {_POLICY_ARGS}) -> ({_ROWS})")
+torch.library.define(
+    "siri::token_logprobs", "(Tensor logits, Tensor targets, float temperature, bool with_entropy, str backend) -> (Tensor, Tensor, Tensor)"
+)
+torch.library.define(
+    "siri::token_logprobs_backward",
+    "(Tensor logits, Tensor targets, Tensor lse, Tensor logprobs, Tensor? entropy, Tensor grad_logprobs, "
+    "Tensor? grad_entropy, float temperature, str backend) -> Tensor",
+)
+torch.library.define("siri::scale_grad_", "(Tensor(a!) grad, Tensor scale) -> ()")
+
+
+def _float32(tensor):
+    return None if tensor is None else tensor.to(torch.float32).contiguous()
+
+
+def _policy_loss_rows(logits, targets, advantages, weights, old_logprobs, ref_logprobs, rollout_logprobs,
+                      temperature, clip_low, clip_high, dual_clip, kl_coef, kl_estimator, entropy_coef,
+                      tis_cap, backend, grad_logits) -> RowOutputs:
+    cfg = LossConfig(temperature, clip_low, clip_high, dual_clip, kl_coef, kl_estimator, entropy_coef, tis_cap)
+    check_policy_values(targets, advantages, weights, logits.shape[1])
+    impl = resolve_backend(backend, logits.device)
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    out = RowOutputs.empty(logits.shape[0], logits.device)
+    impl.policy_loss_rows(
+        logits, targets.contiguous(), _float32(advantages), _float32(weights),
+        _float32(old_logprobs), _float32(ref_logprobs), _float32(rollout_logprobs), cfg, out, grad_logits,
+    )
+    return out
+
+
+@torch.library.impl("siri::policy_loss_rows", "default")
+def _policy_loss_rows_op(logits, *args):
+    *policy_args, compute_grad = args
+    grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if compute_grad else logits.new_empty(0)
+    out = _policy_loss_rows(logits, *policy_args, grad if compute_grad else None)
+    return out.logprobs, out.entropy, out.loss, out.kl, out.clipped, grad
+
+
+@torch.library.impl("siri::policy_loss_rows_inplace", "default")
+def _policy_loss_rows_inplace_op(logits, *args):
+    out = _policy_loss_rows(logits, *args, logits)
+    return out.logprobs, out.entropy, out.loss, out.kl, out.clipped
+
+
+def _fake_rows(logits):
+    return tuple(logits.new_empty(logits.shape[0], dtype=torch.float32) for _ in range(5))
+
+
+@torch.library.register_fake("siri::policy_loss_rows")
+def _(logits, *args):
+    compute_grad = args[-1]
+    grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if compute_grad else logits.new_empty(0)
+    return (*_fake_rows(logits), grad)
+
+
+@torch.library.register_fake("siri::policy_loss_rows_inplace")
+def _(logits, *args):
+    return _fake_rows(logits)
+
+
+@torch.library.impl("siri::token_logprobs", "default")
+def _token_logprobs_op(logits, targets, temperature, with_entropy, backend):
+    check_temperature(temperature)
+    check_target_values(targets, logits.shape[1])
+    impl = resolve_backend(backend, logits.device)
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    num_rows = logits.shape[0]
+    logprobs = logits.new_empty(num_rows, dtype=torch.float32)
+    lse = logits.new_empty(num_rows, dtype=torch.float32)
+    entropy = logits.new_empty(num_rows if with_entropy else 0, dtype=torch.float32)
+    impl.logprob_rows(logits, targets.contiguous(), temperature, logprobs, entropy if with_entropy else None, lse)
+    return logprobs, entropy, lse
+
+
+@torch.library.register_fake("siri::token_logprobs")
+def _(logits, targets, temperature, with_entropy, backend):
+    num_rows = logits.shape[0]
+    make = lambda n: logits.new_empty(n, dtype=torch.float32)  # noqa: E731
+    return make(num_rows), make(num_rows if with_entropy else 0), make(num_rows)
+
+
+@torch.library.impl("siri::token_logprobs_backward", "default")
+def _token_logprobs_backward_op(logits, targets, lse, logprobs, entropy, grad_logprobs, grad_entropy, temperature, backend):
+    impl = resolve_backend(backend, logits.device)
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    grad_logits = torch.empty_like(logits)
+    impl.logprob_backward(
+        logits, targets.contiguous(), temperature, lse, logprobs, entropy,
+        _float32(grad_logprobs), _float32(grad_entropy), grad_logits,
+    )
+    return grad_logits
+
+
+@torch.library.register_fake("siri::token_logprobs_backward")
+def _(logits, *args):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+@torch.library.impl("siri::scale_grad_", "default")
+def _scale_grad_op(grad, scale):
+    if grad.is_cuda:
+        from .triton_backend import scale_unless_one_, triton
+
+        if triton is not None:
+            scale_unless_one_(grad, scale)
+            return
+        grad.mul_(scale.to(grad.dtype))
+    elif float(scale) != 1.0:  # a CPU scalar: reading it waits for nothing
+        grad.mul_(scale.to(torch.float32))
+
+
+@torch.library.register_fake("siri::scale_grad_")
+def _(grad, scale):
+    return None

@@ -1,0 +1,134 @@
+"""`policy_loss`: clipped policy-gradient loss of packed tokens from their logits, fused."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from . import ops  # noqa: F401  (registers torch.ops.siri.*)
+from .backends import check_backend_name
+from .config import CLIP_DUAL, CLIP_RATIO, check_loss_settings
+from .validation import check_policy_structure
+
+
+class PolicyLossOutput(NamedTuple):
+    """What `policy_loss` and `fused_linear_policy_loss` return.
+
+    loss: 0-dim float32, sum over rows of weights * l_t; the only differentiable output.
+    logprobs: [T] float32 log-probs of the targets (0 on rows whose weight is 0).
+    entropy: [T] float32 entropy of each row's distribution (0 on rows whose weight is 0).
+    metrics: 0-dim float32 tensors on the device, weighted means over the rows
+        (sum of w * x over sum of w): `clip_frac` (ratio clip bound), `dual_clip_frac`,
+        `kl` (0 without ref_logprobs), `entropy`.
+    """
+
+    loss: torch.Tensor
+    logprobs: torch.Tensor
+    entropy: torch.Tensor | None
+    metrics: dict[str, torch.Tensor]
+
+
+def policy_metrics(weights, kl, entropy, clipped) -> dict[str, torch.Tensor]:
+    """Weighted means of the per-row outputs; no host synchronisation."""
+    weights = weights.to(torch.float32)
+    total = weights.sum()
+    safe_total = torch.where(total != 0, total, torch.ones_like(total))
+
+    def mean(values):
+        return (weights * values).sum() / safe_total
+
+    return {
+        "clip_frac": mean((clipped == CLIP_RATIO).to(torch.float32)),
+        "dual_clip_frac": mean((clipped == CLIP_DUAL).to(torch.float32)),
+        "kl": mean(kl),
+        "entropy": mean(entropy),
+    }
+
+
+class _PolicyLoss(torch.autograd.Function):
+    """Forward computes the loss and d loss / d logits in one launch; backward scales it."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, advantages, weights, old_logprobs, ref_logprobs, rollout_logprobs,
+                temperature, clip_low, clip_high, dual_clip, kl_coef, kl_estimator, entropy_coef, tis_cap,
+                inplace_backward, backend):
+        compute_grad = ctx.needs_input_grad[0]
+        args = (targets, advantages, weights, old_logprobs, ref_logprobs, rollout_logprobs, temperature,
+                clip_low, clip_high, dual_clip, kl_coef, kl_estimator, entropy_coef, tis_cap, backend)
+        if compute_grad and inplace_backward:
+            logprobs, entropy, loss_rows, kl, clipped = torch.ops.siri.policy_loss_rows_inplace(logits, *args)
+            grad_logits = logits
+        else:
+            logprobs, entropy, loss_rows, kl, clipped, grad_logits = torch.ops.siri.policy_loss_rows(
+                logits, *args, compute_grad
+            )
+        if compute_grad:
+            ctx.save_for_backward(grad_logits)
+        ctx.mark_non_differentiable(logprobs, entropy, kl, clipped)
+        return loss_rows.sum(), logprobs, entropy, kl, clipped
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_non_differentiable):
+        (grad_logits,) = ctx.saved_tensors
+        torch.ops.siri.scale_grad_(grad_logits, grad_loss)
+        return (grad_logits,) + (None,) * 16
+
+
+def policy_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    advantages: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    old_logprobs: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    rollout_logprobs: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    clip_low: float = 0.2,
+    clip_high: float = 0.28,
+    dual_clip: float | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    entropy_coef: float = 0.0,
+    tis_cap: float | None = None,
+    inplace_backward: bool = False,
+    backend: str = "auto",
+) -> PolicyLossOutput:
+    """Clipped policy-gradient loss of T scored tokens, fused over their logits.
+
+    Per row t, with u = logits / temperature and logp_t = log softmax(u)[y_t]:
+    r_t = exp(clamp(logp_t - old_t, -20, 20)) (old_t = stop_grad(logp_t) when
+    `old_logprobs` is None), pg_t = max(-A_t r_t, -A_t clip(r_t, 1 - clip_low, 1 + clip_high)),
+    capped at -A_t * dual_clip for A_t < 0 when `dual_clip` is set, times
+    min(exp(old_t - rollout_t), tis_cap) when `rollout_logprobs` and `tis_cap` are given;
+    l_t = pg_t + kl_coef * KL_t(ref) - entropy_coef * H_t; loss = sum_t weights_t * l_t.
+
+    Args:
+        logits: [T, V] float16, bfloat16 or float32, the rows to score (already gathered at
+            the response positions, e.g. `PackedBatch.logit_index`).
+        targets: [T] int32 or int64 token ids; not read on rows whose weight is 0.
+        advantages, weights: [T] floating. `weights` carry the loss aggregation
+            (`siri.packing` computes them); a row with weight 0 contributes nothing.
+        old_logprobs, ref_logprobs, rollout_logprobs: optional [T] floating.
+        inplace_backward: write d loss / d logits into `logits` itself during the forward
+            (saves a [T, V] buffer; `logits` hold the gradient afterwards).
+        backend: "auto", "triton", "cuda", "cpu" or "torch" (`SIRI_BACKEND` overrides "auto").
+
+    Returns:
+        PolicyLossOutput(loss, logprobs, entropy, metrics); see its docstring.
+
+    The gradient is computed in the same pass as the loss; backward only scales it by the
+    incoming gradient, and skips even that when the incoming gradient is exactly 1.
+    """
+    check_loss_settings(temperature, clip_low, clip_high, dual_clip, kl_coef, kl_estimator, entropy_coef, tis_cap)
+    check_policy_structure(logits, targets, advantages, weights, old_logprobs, ref_logprobs, rollout_logprobs,
+                           tis_cap, inplace_backward)
+    check_backend_name(backend)
+    loss, logprobs, entropy, kl, clipped = _PolicyLoss.apply(
+        logits, targets, advantages, weights, old_logprobs, ref_logprobs, rollout_logprobs,
+        float(temperature), float(clip_low), float(clip_high), None if dual_clip is None else float(dual_clip),
+        float(kl_coef), kl_estimator, float(entropy_coef), None if tis_cap is None else float(tis_cap),
+        inplace_backward, backend,
+    )
+    return PolicyLossOutput(loss, logprobs, entropy, policy_metrics(weights, kl, entropy, clipped))

@@ -1,0 +1,98 @@
+"""The PyTorch reference of every formula in DESIGN.md, differentiable by autograd.
+
+This is the oracle of the tests (run in float64) and the body of the chunked "torch"
+backend (run in float32, one block of rows at a time). It computes in the dtype of the
+logits it is given, so the same code also measures what plain PyTorch gets at a given
+precision. Gradients come from autograd, never from a hand derivation: the kernels' hand
+derived gradients are checked against it.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .config import CLIP_DUAL, CLIP_NONE, CLIP_RATIO, RATIO_LOG_CLAMP, LossConfig
+
+
+def logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0):
+    """(logp[T], entropy[T], lse[T]) of `logits[T, V]` at `targets[T]`, in the logits' dtype."""
+    u = logits / temperature
+    lse = torch.logsumexp(u, dim=-1)
+    logp = u.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1) - lse
+    # H = -sum p log p = lse - sum p u, since log p = u - lse and sum p = 1.
+    entropy = lse - (torch.softmax(u, dim=-1) * u).sum(-1)
+    return logp, entropy, lse
+
+
+def kl_penalty(logp: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token KL estimate to the reference policy, with d = ref - logp."""
+    d = ref_logprobs - logp
+    if estimator == "k1":
+        return -d
+    if estimator == "k2":
+        return 0.5 * d * d
+    return torch.exp(d) - d - 1.0
+
+
+def per_token_loss(logp, entropy, advantages, old_logprobs, ref_logprobs, rollout_logprobs, cfg: LossConfig):
+    """(l_t, kl_t, clip code_t) from per-token log-probs and entropy; differentiable in both."""
+    old = logp.detach() if old_logprobs is None else old_logprobs
+    ratio = torch.exp(torch.clamp(logp - old, -RATIO_LOG_CLAMP, RATIO_LOG_CLAMP))
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - cfg.clip_low, 1.0 + cfg.clip_high)
+    pg = torch.maximum(unclipped, clipped)
+    clip_code = torch.where(clipped > unclipped, CLIP_RATIO, CLIP_NONE)
+    if cfg.dual_clip is not None:
+        dual = -advantages * cfg.dual_clip
+        dual_binds = (advantages < 0) & (dual < pg)
+        pg = torch.where(advantages < 0, torch.minimum(pg, dual), pg)
+        clip_code = torch.where(dual_binds, CLIP_DUAL, clip_code)
+    if rollout_logprobs is not None and cfg.tis_cap is not None:
+        pg = pg * torch.clamp(torch.exp(old - rollout_logprobs), max=cfg.tis_cap).detach()
+    if ref_logprobs is not None:
+        kl = kl_penalty(logp, ref_logprobs, cfg.kl_estimator)
+    else:
+        kl = torch.zeros_like(logp)
+    loss = pg + cfg.kl_coef * kl - cfg.entropy_coef * entropy
+    return loss, kl, clip_code.to(torch.float32)
+
+
+class ReferenceOutput(NamedTuple):
+    loss: torch.Tensor  # 0-dim, sum of weights * l_t
+    loss_rows: torch.Tensor  # [T], weights * l_t
+    logprobs: torch.Tensor
+    entropy: torch.Tensor
+    kl: torch.Tensor
+    clipped: torch.Tensor
+
+
+def policy_loss_reference(
+    logits,
+    targets,
+    advantages,
+    weights,
+    old_logprobs=None,
+    ref_logprobs=None,
+    rollout_logprobs=None,
+    cfg: LossConfig = LossConfig(),
+) -> ReferenceOutput:
+    """DESIGN.md's policy loss by the book. Rows with weight 0 read no target and give zeros."""
+    active = weights != 0
+    safe_targets = torch.where(active, targets, torch.zeros_like(targets))
+    logp, entropy, _ = logprobs_and_entropy(logits, safe_targets, cfg.temperature)
+    loss_t, kl, clip_code = per_token_loss(
+        logp, entropy, advantages, old_logprobs, ref_logprobs, rollout_logprobs, cfg
+    )
+    zero = torch.zeros((), dtype=loss_t.dtype, device=loss_t.device)
+    loss_rows = torch.where(active, weights * loss_t, zero)
+    return ReferenceOutput(
+        loss=loss_rows.sum(),
+        loss_rows=loss_rows,
+        logprobs=torch.where(active, logp, zero),
+        entropy=torch.where(active, entropy, zero),
+        kl=torch.where(active, kl, zero),
+        clipped=torch.where(active, clip_code, torch.zeros_like(clip_code)),
+    )
+
