@@ -52,8 +52,7 @@ class _PolicyLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, advantages, weights, old_logprobs, ref_logprobs, rollout_logprobs,
                 temperature, clip_low, clip_high, dual_clip, kl_coef, kl_estimator, entropy_coef, tis_cap,
-                inplace_backward, backend):
-        compute_grad = ctx.needs_input_grad[0]
+                compute_grad, inplace_backward, backend):
         args = (targets, advantages, weights, old_logprobs, ref_logprobs, rollout_logprobs, temperature,
                 clip_low, clip_high, dual_clip, kl_coef, kl_estimator, entropy_coef, tis_cap, backend)
         if compute_grad and inplace_backward:
@@ -72,7 +71,7 @@ class _PolicyLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, *_non_differentiable):
         (grad_logits,) = ctx.saved_tensors
         torch.ops.siri.scale_grad_(grad_logits, grad_loss)
-        return (grad_logits,) + (None,) * 16
+        return (grad_logits,) + (None,) * 17
 
 
 def policy_loss(
@@ -129,6 +128,7 @@ def policy_loss(
         logits, targets, advantages, weights, old_logprobs, ref_logprobs, rollout_logprobs,
         float(temperature), float(clip_low), float(clip_high), None if dual_clip is None else float(dual_clip),
         float(kl_coef), kl_estimator, float(entropy_coef), None if tis_cap is None else float(tis_cap),
-        inplace_backward, backend,
+        # needs_input_grad ignores no_grad mode, so decide here whether to form the gradient.
+        torch.is_grad_enabled() and logits.requires_grad, inplace_backward, backend,
     )
     return PolicyLossOutput(loss, logprobs, entropy, policy_metrics(weights, kl, entropy, clipped))

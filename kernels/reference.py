@@ -3,8 +3,9 @@
 This is the oracle of the tests (run in float64) and the body of the chunked "torch"
 backend (run in float32, one block of rows at a time). It computes in the dtype of the
 logits it is given, so the same code also measures what plain PyTorch gets at a given
-precision. Gradients come from autograd, never from a hand derivation: the kernels' hand
-derived gradients are checked against it.
+precision. The oracle's gradients come from autograd; `per_token_loss` also returns the
+hand-derived slope d l / d logp that the "torch" backend needs (autograd is unavailable
+inside a custom op under torch.compile), and the tests check it against autograd.
 """
 
 from __future__ import annotations
@@ -26,6 +27,20 @@ def logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor, temperatur
     return logp, entropy, lse
 
 
+def logits_gradient(logits, targets, temperature, lse, entropy, c, e):
+    """d loss / d logits for a loss with c = d loss / d logp and e = d loss / d H per row.
+
+    With u = logits / tau, p = softmax(u): d logp / d u_j = onehot_j - p_j and
+    d H / d u_j = -p_j (log p_j + H), so the row gradient is
+    (c onehot_j - p_j (c + e (log p_j + H))) / tau.
+    """
+    log_p = logits / temperature - lse.unsqueeze(-1)
+    p = torch.exp(log_p)
+    grad = -p * (c.unsqueeze(-1) + e.unsqueeze(-1) * (log_p + entropy.unsqueeze(-1)))
+    grad.scatter_add_(-1, targets.long().unsqueeze(-1), c.unsqueeze(-1).to(grad.dtype))
+    return grad / temperature
+
+
 def kl_penalty(logp: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
     """Per-token KL estimate to the reference policy, with d = ref - logp."""
     d = ref_logprobs - logp
@@ -36,32 +51,57 @@ def kl_penalty(logp: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -
     return torch.exp(d) - d - 1.0
 
 
+def kl_slope(logp: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
+    """d kl_penalty / d logp (d d / d logp = -1)."""
+    d = ref_logprobs - logp
+    if estimator == "k1":
+        return torch.ones_like(d)
+    if estimator == "k2":
+        return -d
+    return 1.0 - torch.exp(d)
+
+
 def per_token_loss(logp, entropy, advantages, old_logprobs, ref_logprobs, rollout_logprobs, cfg: LossConfig):
-    """(l_t, kl_t, clip code_t) from per-token log-probs and entropy; differentiable in both."""
+    """(l_t, kl_t, clip code_t, slope_t) from per-token log-probs and entropy.
+
+    l_t is differentiable in logp and entropy; slope_t = d l_t / d logp_t is derived by hand
+    and detached (d l_t / d H_t is simply -entropy_coef).
+    """
     old = logp.detach() if old_logprobs is None else old_logprobs
-    ratio = torch.exp(torch.clamp(logp - old, -RATIO_LOG_CLAMP, RATIO_LOG_CLAMP))
+    log_ratio = logp - old
+    ratio = torch.exp(torch.clamp(log_ratio, -RATIO_LOG_CLAMP, RATIO_LOG_CLAMP))
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - cfg.clip_low, 1.0 + cfg.clip_high)
     pg = torch.maximum(unclipped, clipped)
-    clip_code = torch.where(clipped > unclipped, CLIP_RATIO, CLIP_NONE)
+    ratio_clip_binds = clipped > unclipped
+    clip_code = torch.where(ratio_clip_binds, CLIP_RATIO, CLIP_NONE)
+    # d pg / d ratio is -A unless the clipped branch wins, where it is 0.
+    dpg_dratio = torch.where(ratio_clip_binds, torch.zeros_like(advantages), -advantages)
     if cfg.dual_clip is not None:
         dual = -advantages * cfg.dual_clip
         dual_binds = (advantages < 0) & (dual < pg)
         pg = torch.where(advantages < 0, torch.minimum(pg, dual), pg)
         clip_code = torch.where(dual_binds, CLIP_DUAL, clip_code)
+        dpg_dratio = torch.where(dual_binds, torch.zeros_like(dpg_dratio), dpg_dratio)
+    in_range = (log_ratio >= -RATIO_LOG_CLAMP) & (log_ratio <= RATIO_LOG_CLAMP)
+    slope = torch.where(in_range, dpg_dratio * ratio, torch.zeros_like(ratio))
     if rollout_logprobs is not None and cfg.tis_cap is not None:
-        pg = pg * torch.clamp(torch.exp(old - rollout_logprobs), max=cfg.tis_cap).detach()
+        tis = torch.clamp(torch.exp(old - rollout_logprobs), max=cfg.tis_cap).detach()
+        pg = pg * tis
+        slope = slope * tis
     if ref_logprobs is not None:
         kl = kl_penalty(logp, ref_logprobs, cfg.kl_estimator)
+        slope = slope + cfg.kl_coef * kl_slope(logp, ref_logprobs, cfg.kl_estimator)
     else:
         kl = torch.zeros_like(logp)
     loss = pg + cfg.kl_coef * kl - cfg.entropy_coef * entropy
-    return loss, kl, clip_code.to(torch.float32)
+    return loss, kl, clip_code.to(torch.float32), slope.detach()
 
 
 class ReferenceOutput(NamedTuple):
     loss: torch.Tensor  # 0-dim, sum of weights * l_t
     loss_rows: torch.Tensor  # [T], weights * l_t
+    slope: torch.Tensor  # [T], weights * d l_t / d logp_t (detached)
     logprobs: torch.Tensor
     entropy: torch.Tensor
     kl: torch.Tensor
@@ -82,7 +122,7 @@ def policy_loss_reference(
     active = weights != 0
     safe_targets = torch.where(active, targets, torch.zeros_like(targets))
     logp, entropy, _ = logprobs_and_entropy(logits, safe_targets, cfg.temperature)
-    loss_t, kl, clip_code = per_token_loss(
+    loss_t, kl, clip_code, slope = per_token_loss(
         logp, entropy, advantages, old_logprobs, ref_logprobs, rollout_logprobs, cfg
     )
     zero = torch.zeros((), dtype=loss_t.dtype, device=loss_t.device)
@@ -90,6 +130,7 @@ def policy_loss_reference(
     return ReferenceOutput(
         loss=loss_rows.sum(),
         loss_rows=loss_rows,
+        slope=torch.where(active, weights * slope, zero),
         logprobs=torch.where(active, logp, zero),
         entropy=torch.where(active, entropy, zero),
         kl=torch.where(active, kl, zero),

@@ -1,8 +1,10 @@
 """The "torch" backend: the reference formulas applied to blocks of rows.
 
-Each block is upcast to float32 and differentiated by autograd on its own, so memory stays
-at a few float32 copies of one block whatever T is. It runs on any device and is the
-default on a CPU when the native extension is absent.
+Each block is upcast to float32, so memory stays at a few float32 copies of one block
+whatever T is. The gradient uses the hand-derived formulas of `reference.py`
+(`logits_gradient`, the slope of `per_token_loss`), not autograd: this code runs inside a
+custom op, where torch.compile's runtime records no autograd graph. It runs on any device
+and is the default on a CPU when the native extension is absent.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import torch
 
 from .backends import Backend, RowOutputs
 from .config import LossConfig
-from .reference import logprobs_and_entropy, policy_loss_reference
+from .reference import logits_gradient, logprobs_and_entropy, policy_loss_reference
 
 # A block holds about this many float32 logits. The reference keeps ~5 block-sized float32
 # temporaries alive (upcast, scaled, softmax, product, gradient): 2^24 elements is ~64 MiB
@@ -32,19 +34,22 @@ def _pick(tensor, rows):
 def policy_loss_rows(logits, targets, advantages, weights, old, ref, rollout, cfg: LossConfig, out: RowOutputs, grad_logits):
     for rows in _row_blocks(logits.shape[0], logits.shape[1]):
         block = logits[rows].float()
-        with torch.enable_grad():
-            block.requires_grad_(grad_logits is not None)
-            result = policy_loss_reference(
-                block, targets[rows], advantages[rows], weights[rows],
-                _pick(old, rows), _pick(ref, rows), _pick(rollout, rows), cfg,
+        result = policy_loss_reference(
+            block, targets[rows], advantages[rows], weights[rows],
+            _pick(old, rows), _pick(ref, rows), _pick(rollout, rows), cfg,
+        )
+        if grad_logits is not None:
+            active = weights[rows] != 0
+            safe_targets = torch.where(active, targets[rows], torch.zeros_like(targets[rows]))
+            lse = torch.logsumexp(block / cfg.temperature, dim=-1)
+            entropy_slope = torch.where(active, -cfg.entropy_coef * weights[rows], torch.zeros_like(lse))
+            grad_logits[rows] = logits_gradient(
+                block, safe_targets, cfg.temperature, lse, result.entropy, result.slope, entropy_slope
             )
-            if grad_logits is not None:
-                (grad,) = torch.autograd.grad(result.loss, block)
-                grad_logits[rows] = grad
-        out.logprobs[rows] = result.logprobs.detach()
-        out.entropy[rows] = result.entropy.detach()
-        out.loss[rows] = result.loss_rows.detach()
-        out.kl[rows] = result.kl.detach()
+        out.logprobs[rows] = result.logprobs
+        out.entropy[rows] = result.entropy
+        out.loss[rows] = result.loss_rows
+        out.kl[rows] = result.kl
         out.clipped[rows] = result.clipped
 
 
@@ -59,15 +64,12 @@ def logprob_rows(logits, targets, temperature, logprobs, entropy, lse):
 
 def logprob_backward(logits, targets, temperature, lse, logprobs, entropy, grad_logprobs, grad_entropy, grad_logits):
     for rows in _row_blocks(logits.shape[0], logits.shape[1]):
-        block = logits[rows].float()
-        with torch.enable_grad():
-            block.requires_grad_(True)
-            logp, ent, _ = logprobs_and_entropy(block, targets[rows], temperature)
-            total = (logp * grad_logprobs[rows]).sum()
-            if grad_entropy is not None:
-                total = total + (ent * grad_entropy[rows]).sum()
-            (grad,) = torch.autograd.grad(total, block)
-        grad_logits[rows] = grad
+        c = grad_logprobs[rows]
+        if grad_entropy is None:
+            e, ent = torch.zeros_like(c), torch.zeros_like(c)
+        else:
+            e, ent = grad_entropy[rows], entropy[rows]
+        grad_logits[rows] = logits_gradient(logits[rows].float(), targets[rows], temperature, lse[rows], ent, c, e)
 
 
 def make_backend(name: str) -> Backend:

@@ -1,0 +1,92 @@
+"""Random inputs and the float64 oracle shared by the kernel tests."""
+
+from __future__ import annotations
+
+import torch
+
+from siri.kernels.config import LossConfig
+from siri.kernels.reference import policy_loss_reference
+
+# Extra absolute error allowed on top of twice PyTorch's own error at the same precision:
+# a kernel that accumulates in float32 must not be worse than eager PyTorch in that dtype.
+ATOL = {torch.float32: 1e-5, torch.bfloat16: 2e-3, torch.float16: 5e-4}
+
+# Settings that each switch on one feature of the contract, and all of them together.
+OPTION_SETS = {
+    "on-policy": dict(),
+    "old-logprobs": dict(old=True),
+    "dual-clip": dict(old=True, dual_clip=3.0),
+    "tis": dict(old=True, rollout=True, tis_cap=2.0),
+    "kl-k1": dict(ref=True, kl_coef=0.1, kl_estimator="k1"),
+    "kl-k2": dict(ref=True, kl_coef=0.1, kl_estimator="k2"),
+    "kl-k3": dict(ref=True, kl_coef=0.1, kl_estimator="k3"),
+    "entropy": dict(entropy_coef=0.05),
+    "temperature": dict(old=True, temperature=0.7),
+    "everything": dict(old=True, ref=True, rollout=True, tis_cap=1.5, dual_clip=2.5, kl_coef=0.2,
+                       kl_estimator="k3", entropy_coef=0.01, temperature=1.3, clip_low=0.1, clip_high=0.3),
+}
+
+_TENSOR_FLAGS = ("old", "ref", "rollout")
+
+
+def make_case(num_rows, vocab, dtype, options, *, seed, device="cpu", target_dtype=torch.int64):
+    """Logits, per-token inputs and loss keywords for one test case.
+
+    Logits have a spread like a language model's (std 3); old log-probs sit near the current
+    ones so that ratios fall on both sides of the clip bounds; a quarter of the rows have
+    weight 0 and a target outside [0, V), which must never be read.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(num_rows, vocab, generator=gen) * 3).to(dtype)
+    targets = torch.randint(0, vocab, (num_rows,), generator=gen)
+    advantages = torch.randn(num_rows, generator=gen)
+    weights = torch.rand(num_rows, generator=gen) + 0.1
+    ignored = torch.rand(num_rows, generator=gen) < 0.25
+    weights[ignored] = 0.0
+    targets[ignored] = torch.where(torch.rand(int(ignored.sum()), generator=gen) < 0.5, -100, vocab + 7)
+    true_logp = torch.log_softmax(logits.double() / options.get("temperature", 1.0), -1)
+    true_logp = true_logp.gather(-1, targets.clamp(0, vocab - 1)[:, None])[:, 0].float()
+    per_token = {
+        "old": true_logp + 0.3 * torch.randn(num_rows, generator=gen),
+        "ref": true_logp + 0.5 * torch.randn(num_rows, generator=gen),
+        "rollout": true_logp + 0.4 * torch.randn(num_rows, generator=gen),
+    }
+    keywords = {k: v for k, v in options.items() if k not in _TENSOR_FLAGS}
+    for flag in _TENSOR_FLAGS:
+        if options.get(flag):
+            keywords[f"{flag}_logprobs"] = per_token[flag].to(device)
+    return (logits.to(device), targets.to(device=device, dtype=target_dtype), advantages.to(device),
+            weights.to(device), keywords)
+
+
+def loss_config(keywords) -> LossConfig:
+    return LossConfig(**{k: v for k, v in keywords.items() if not k.endswith("_logprobs")})
+
+
+def reference_outputs(logits, targets, advantages, weights, keywords, compute_dtype):
+    """Reference loss, per-row outputs and logits gradient, the logits in `compute_dtype`.
+
+    Per-token inputs stay in float32 (float64 for the oracle), as a PyTorch user would keep
+    them: in half precision exp(ratio) would overflow before any kernel is judged.
+    """
+    token_dtype = torch.float64 if compute_dtype == torch.float64 else torch.float32
+    cast = lambda t: None if t is None else t.to(token_dtype)  # noqa: E731
+    x = logits.detach().to(compute_dtype).requires_grad_(True)
+    out = policy_loss_reference(
+        x, targets, cast(advantages), cast(weights), cast(keywords.get("old_logprobs")),
+        cast(keywords.get("ref_logprobs")), cast(keywords.get("rollout_logprobs")), loss_config(keywords),
+    )
+    (grad,) = torch.autograd.grad(out.loss, x) if logits.shape[0] else (torch.zeros_like(x),)
+    return out, grad
+
+
+def max_error(actual, expected) -> float:
+    if actual.numel() == 0:
+        return 0.0
+    return (actual.double() - expected.double()).abs().max().item()
+
+
+def assert_close_to_oracle(name, actual, oracle, pytorch, dtype):
+    """|actual - oracle| <= 2 |pytorch - oracle| + ATOL[dtype], elementwise maximum."""
+    err, budget = max_error(actual, oracle), 2 * max_error(pytorch, oracle) + ATOL[dtype]
+    assert err <= budget, f"{name}: max error {err:.3g} > allowed {budget:.3g}"

@@ -1,0 +1,172 @@
+"""policy_loss on every backend against the float64 reference (kernel_cases.py)."""
+
+import pytest
+import torch
+from conftest import DEVICE
+from kernel_cases import (
+    ATOL,
+    OPTION_SETS,
+    assert_close_to_oracle,
+    loss_config,
+    make_case,
+    max_error,
+    reference_outputs,
+)
+
+from siri.kernels import policy_loss
+from siri.kernels.backends import BACKEND_NAMES, RowOutputs, _load
+
+BACKENDS = [name for name in BACKEND_NAMES if _load(name) is not None and _load(name).supports_device(DEVICE)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def run_and_check(backend, num_rows, vocab, dtype, options, seed, *, inplace=False, target_dtype=torch.int64):
+    logits, targets, advantages, weights, kw = make_case(
+        num_rows, vocab, dtype, options, seed=seed, device=DEVICE, target_dtype=target_dtype
+    )
+    oracle, oracle_grad = reference_outputs(logits, targets, advantages, weights, kw, torch.float64)
+    eager, eager_grad = reference_outputs(logits, targets, advantages, weights, kw, dtype)
+    x = logits.clone().requires_grad_(True)
+    # A non-leaf view of the logits, as a model's LM head output would be, so that an
+    # in-place gradient can be written into it.
+    source = x * 1 if inplace else x
+    out = policy_loss(source, targets, advantages, weights, inplace_backward=inplace, backend=backend, **kw)
+    out.loss.backward()
+    for name in ("loss", "logprobs", "entropy"):
+        assert_close_to_oracle(name, getattr(out, name), getattr(oracle, name), getattr(eager, name), dtype)
+    assert_close_to_oracle("grad", x.grad, oracle_grad, eager_grad, dtype)
+    assert x.grad.dtype == dtype
+    assert out.logprobs.dtype == out.entropy.dtype == torch.float32
+    return out, oracle, weights
+
+
+@pytest.mark.parametrize("options", OPTION_SETS, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_option_matches_reference(backend, dtype, options):
+    # V = 4099 is prime: no tile divides it, so every kernel handles a ragged tail.
+    run_and_check(backend, 37, 4099, dtype, OPTION_SETS[options], seed=hash((backend, options)) % 1000)
+
+
+@pytest.mark.parametrize(
+    "num_rows, vocab",
+    [
+        (0, 97),  # an empty micro-batch: nothing launched, loss 0
+        (1, 1),  # a one-token vocabulary: logp = 0, entropy = 0
+        (1, 97),  # a one-token response
+        (3, 151_936),  # Qwen2's vocabulary: several tiles per row
+        (19, 1823),  # odd sizes that match no block
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_odd_shapes(backend, dtype, num_rows, vocab):
+    run_and_check(backend, num_rows, vocab, dtype, OPTION_SETS["everything"], seed=num_rows * vocab)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_backward_matches(backend, dtype):
+    run_and_check(backend, 23, 1000, dtype, OPTION_SETS["everything"], seed=5, inplace=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_int32_targets(backend):
+    run_and_check(backend, 11, 333, torch.float32, OPTION_SETS["old-logprobs"], seed=9, target_dtype=torch.int32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_weight_zero_rows_give_zero_rows(backend):
+    logits, targets, advantages, weights, kw = make_case(40, 257, torch.float32, OPTION_SETS["everything"], seed=3, device=DEVICE)
+    x = logits.clone().requires_grad_(True)
+    out = policy_loss(x, targets, advantages, weights, backend=backend, **kw)
+    out.loss.backward()
+    ignored = weights == 0
+    assert ignored.any() and (~ignored).any()
+    assert torch.all(x.grad[ignored] == 0)
+    assert torch.all(out.logprobs[ignored] == 0) and torch.all(out.entropy[ignored] == 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backend_fills_poisoned_outputs(backend):
+    """Every output element is written, whatever the buffers held before."""
+    logits, targets, advantages, weights, kw = make_case(29, 515, torch.bfloat16, OPTION_SETS["everything"], seed=4, device=DEVICE)
+    oracle, oracle_grad = reference_outputs(logits, targets, advantages, weights, kw, torch.float64)
+    out = RowOutputs(*(torch.full((29,), float("nan"), device=DEVICE) for _ in range(5)))
+    grad = torch.full_like(logits, float("nan"))
+    f32 = lambda t: None if t is None else t.float()  # noqa: E731
+    _load(backend).policy_loss_rows(
+        logits, targets, advantages, weights, f32(kw.get("old_logprobs")), f32(kw.get("ref_logprobs")),
+        f32(kw.get("rollout_logprobs")), loss_config(kw), out, grad,
+    )
+    for name in ("logprobs", "entropy", "kl", "clipped"):
+        assert torch.isfinite(getattr(out, name)).all(), name
+    assert torch.isfinite(grad).all()
+    assert max_error(out.loss, oracle.loss_rows) < 1e-4
+    assert torch.equal(out.clipped, oracle.clipped.float()) or max_error(out.clipped, oracle.clipped) <= 2
+    assert max_error(grad, oracle_grad) < 2e-2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_scales_by_incoming_gradient(backend):
+    logits, targets, advantages, weights, kw = make_case(13, 300, torch.float32, OPTION_SETS["kl-k3"], seed=8, device=DEVICE)
+    grads = []
+    for scale in (1.0, -2.5):
+        x = logits.clone().requires_grad_(True)
+        (policy_loss(x, targets, advantages, weights, backend=backend, **kw).loss * scale).backward()
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[1], -2.5 * grads[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_gradient_work_without_grad(backend):
+    logits, targets, advantages, weights, kw = make_case(9, 200, torch.float32, {}, seed=2, device=DEVICE)
+    x = logits.clone().requires_grad_(True)
+    with torch.no_grad():
+        out = policy_loss(x, targets, advantages, weights, inplace_backward=True, backend=backend, **kw)
+    assert out.loss.grad_fn is None
+    assert torch.equal(x.detach(), logits), "no gradient was asked for, so the logits stay untouched"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_metrics_are_weighted_means(backend):
+    logits, targets, advantages, weights, kw = make_case(64, 129, torch.float32, OPTION_SETS["everything"], seed=6, device=DEVICE)
+    out = policy_loss(logits, targets, advantages, weights, backend=backend, **kw)
+    oracle, _ = reference_outputs(logits, targets, advantages, weights, kw, torch.float64)
+    w = weights.double()
+    expected = {
+        "kl": (w * oracle.kl).sum() / w.sum(),
+        "entropy": (w * oracle.entropy).sum() / w.sum(),
+        "clip_frac": (w * (oracle.clipped == 1)).sum() / w.sum(),
+        "dual_clip_frac": (w * (oracle.clipped == 2)).sum() / w.sum(),
+    }
+    for name, value in expected.items():
+        assert out.metrics[name].device == logits.device and out.metrics[name].dim() == 0
+        assert abs(out.metrics[name].item() - value.item()) < 1e-4, name
+    assert 0 < out.metrics["clip_frac"].item() < 1, "the case should exercise the clip"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_rows(backend):
+    """Rows of a wider buffer (a row stride larger than V) are read in place."""
+    logits, targets, advantages, weights, kw = make_case(7, 150, torch.float32, OPTION_SETS["entropy"], seed=1, device=DEVICE)
+    wide = torch.randn(7, 180, device=DEVICE)
+    wide[:, :150] = logits
+    view = wide[:, :150]
+    expected = policy_loss(logits, targets, advantages, weights, backend=backend, **kw)
+    actual = policy_loss(view, targets, advantages, weights, backend=backend, **kw)
+    torch.testing.assert_close(actual.loss, expected.loss)
+    torch.testing.assert_close(actual.logprobs, expected.logprobs)
+
+
+def test_backends_agree_at_qwen_vocabulary_in_bf16():
+    """All backends on the contract's headline shape agree with each other to bf16 rounding."""
+    logits, targets, advantages, weights, kw = make_case(4, 151_936, torch.bfloat16, OPTION_SETS["old-logprobs"], seed=12, device=DEVICE)
+    losses = {b: policy_loss(logits, targets, advantages, weights, backend=b, **kw).loss.item() for b in BACKENDS}
+    reference = losses["torch"]
+    for name, value in losses.items():
+        assert abs(value - reference) <= 1e-4 * max(1.0, abs(reference)), (name, losses)
+
+
+def test_tolerance_table_covers_dtypes():
+    assert set(ATOL) == set(DTYPES)
