@@ -4,6 +4,10 @@ Public API (DESIGN.md):
 
     token_logprobs(logits, targets, *, temperature=1.0, return_entropy=False, backend="auto")
     policy_loss(logits, targets, advantages, weights, *, old_logprobs=None, ...) -> PolicyLossOutput
+    fused_linear_policy_loss(hidden, weight, targets, advantages, weights, *, bias=None, ...,
+                             chunk_size=None) -> PolicyLossOutput   (never builds [T, V] logits)
+    fused_linear_token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0,
+                                return_entropy=False)
     available_backends()
 
 Backends: "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "cuda" and "cpu" (the native
@@ -12,7 +16,15 @@ extension `siri._C`, when built), "torch" (the chunked PyTorch reference, always
 """
 
 from .backends import available_backends
+from .fused_linear import fused_linear_policy_loss, fused_linear_token_logprobs
 from .policy_loss import PolicyLossOutput, policy_loss
 from .token_logprobs import token_logprobs
 
-__all__ = ["PolicyLossOutput", "available_backends", "policy_loss", "token_logprobs"]
+__all__ = [
+    "PolicyLossOutput",
+    "available_backends",
+    "fused_linear_policy_loss",
+    "fused_linear_token_logprobs",
+    "policy_loss",
+    "token_logprobs",
+]

@@ -1,0 +1,162 @@
+"""fused_linear_policy_loss / fused_linear_token_logprobs against the logits path by hand."""
+
+import pytest
+import torch
+from conftest import DEVICE
+from kernel_cases import OPTION_SETS, assert_close_to_oracle, loss_config, make_case
+
+from siri.kernels import fused_linear_policy_loss, fused_linear_token_logprobs
+from siri.kernels.backends import BACKEND_NAMES, _load
+from siri.kernels.fused_linear import default_chunk_size
+from siri.kernels.reference import logprobs_and_entropy, policy_loss_reference
+
+BACKENDS = [name for name in BACKEND_NAMES if _load(name) is not None and _load(name).supports_device(DEVICE)]
+
+
+def make_linear(num_rows, hidden_size, vocab, dtype, seed, with_bias):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(num_rows, hidden_size, generator=gen).to(dtype)
+    weight = (torch.randn(vocab, hidden_size, generator=gen) * 2 / hidden_size**0.5).to(dtype)
+    bias = (torch.randn(vocab, generator=gen) * 0.5).to(dtype) if with_bias else None
+    return hidden.to(DEVICE), weight.to(DEVICE), None if bias is None else bias.to(DEVICE)
+
+
+def reference(hidden, weight, bias, targets, advantages, weights, kw, dtype):
+    """The logits path built by hand: materialised logits, the reference loss, autograd."""
+    leaves = [t.detach().to(dtype).requires_grad_(True) if t is not None else None for t in (hidden, weight, bias)]
+    h, w, b = leaves
+    logits = h @ w.t() + (b if b is not None else 0)
+    cast = lambda t: None if t is None else t.to(dtype if dtype == torch.float64 else torch.float32)  # noqa: E731
+    out = policy_loss_reference(
+        logits, targets, cast(advantages), cast(weights), cast(kw.get("old_logprobs")),
+        cast(kw.get("ref_logprobs")), cast(kw.get("rollout_logprobs")), loss_config(kw),
+    )
+    grads = torch.autograd.grad(out.loss, [t for t in leaves if t is not None]) if h.shape[0] else None
+    return out, grads
+
+
+def check(backend, num_rows, hidden_size, vocab, options, *, chunk_size, with_bias, seed, dtype=torch.float32):
+    hidden, weight, bias = make_linear(num_rows, hidden_size, vocab, dtype, seed, with_bias)
+    _, targets, advantages, weights, kw = make_case(num_rows, vocab, torch.float32, options, seed=seed, device=DEVICE)
+    oracle, oracle_grads = reference(hidden, weight, bias, targets, advantages, weights, kw, torch.float64)
+    leaves = [t.clone().requires_grad_(True) if t is not None else None for t in (hidden, weight, bias)]
+    out = fused_linear_policy_loss(
+        leaves[0], leaves[1], targets, advantages, weights, bias=leaves[2], chunk_size=chunk_size, backend=backend, **kw
+    )
+    out.loss.backward()
+    # float32: tight against float64. Half precision: no worse than PyTorch's own logits
+    # path in that dtype (a row near a clip bound may flip in both).
+    eager, eager_grads = reference(hidden, weight, bias, targets, advantages, weights, kw, dtype)
+    for name in ("loss", "logprobs", "entropy"):
+        assert_close_to_oracle(name, getattr(out, name), getattr(oracle, name), getattr(eager, name), dtype)
+    if oracle_grads is not None:
+        for leaf, expected, pytorch in zip([t for t in leaves if t is not None], oracle_grads, eager_grads):
+            assert leaf.grad.dtype == dtype
+            assert_close_to_oracle("grad", leaf.grad, expected, pytorch, dtype)
+    return out
+
+
+@pytest.mark.parametrize("options", OPTION_SETS, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_option_matches_logits_path(backend, options):
+    # 50 rows in chunks of 16: the last chunk is ragged. H = 37 and V = 211 are prime.
+    check(backend, 50, 37, 211, OPTION_SETS[options], chunk_size=16, with_bias=options == "everything", seed=11)
+
+
+@pytest.mark.parametrize(
+    "num_rows, hidden_size, vocab, chunk_size",
+    [
+        (0, 8, 30, None),  # nothing to score
+        (1, 1, 1, None),  # one row, a one-token vocabulary
+        (33, 64, 1823, 7),  # chunks that divide nothing
+        (40, 24, 97, 1000),  # one chunk larger than T
+    ],
+)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_odd_shapes_and_chunks(backend, num_rows, hidden_size, vocab, chunk_size):
+    check(backend, num_rows, hidden_size, vocab, OPTION_SETS["everything"], chunk_size=chunk_size, with_bias=True, seed=num_rows)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bfloat16(backend):
+    check(backend, 24, 32, 300, OPTION_SETS["old-logprobs"], chunk_size=8, with_bias=False, seed=3, dtype=torch.bfloat16)
+
+
+def test_frozen_head_gets_no_weight_gradient():
+    hidden, weight, _ = make_linear(10, 16, 50, torch.float32, 0, False)
+    _, targets, advantages, weights, kw = make_case(10, 50, torch.float32, {}, seed=0, device=DEVICE)
+    h = hidden.clone().requires_grad_(True)
+    fused_linear_policy_loss(h, weight, targets, advantages, weights).loss.backward()
+    assert h.grad is not None and weight.grad is None
+
+
+def test_incoming_gradient_scales_every_gradient():
+    hidden, weight, bias = make_linear(12, 16, 40, torch.float32, 1, True)
+    _, targets, advantages, weights, kw = make_case(12, 40, torch.float32, {}, seed=1, device=DEVICE)
+    results = []
+    for scale in (1.0, 3.0):
+        leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+        (fused_linear_policy_loss(leaves[0], leaves[1], targets, advantages, weights, bias=leaves[2]).loss * scale).backward()
+        results.append([leaf.grad for leaf in leaves])
+    for one, three in zip(*results):
+        torch.testing.assert_close(three, 3 * one)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_token_logprobs(backend):
+    hidden, weight, bias = make_linear(29, 20, 333, torch.float32, 5, True)
+    targets = torch.randint(0, 333, (29,), device=DEVICE)
+    with torch.no_grad():
+        logp, ent = fused_linear_token_logprobs(hidden, weight, targets, bias=bias, temperature=0.8,
+                                                return_entropy=True, chunk_size=6, backend=backend)
+    expected = logprobs_and_entropy((hidden.double() @ weight.double().t() + bias.double()), targets, 0.8)
+    torch.testing.assert_close(logp.double(), expected[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ent.double(), expected[1], atol=1e-5, rtol=1e-5)
+
+
+def test_token_logprobs_refuses_to_drop_a_gradient():
+    hidden, weight, _ = make_linear(4, 8, 10, torch.float32, 0, False)
+    with pytest.raises(ValueError, match="no_grad"):
+        fused_linear_token_logprobs(hidden.requires_grad_(True), weight, torch.zeros(4, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        (dict(weight=torch.randn(10, 9)), "weight"),
+        (dict(weight=torch.randn(10, 8).double()), "weight"),
+        (dict(bias=torch.randn(11)), "bias"),
+        (dict(hidden=torch.randn(4, 8, 1)), "hidden"),
+        (dict(targets=torch.tensor([0, 1, 2, 10])), "targets"),
+        (dict(chunk_size=0), "chunk_size"),
+        (dict(advantages=torch.randn(3)), "advantages"),
+    ],
+)
+def test_bad_input(change, named):
+    args = dict(hidden=torch.randn(4, 8), weight=torch.randn(10, 8), targets=torch.tensor([0, 1, 2, 3]),
+                advantages=torch.randn(4), weights=torch.ones(4), bias=None, chunk_size=None)
+    args.update(change)
+    with pytest.raises(ValueError, match=named):
+        fused_linear_policy_loss(args["hidden"], args["weight"], args["targets"], args["advantages"], args["weights"],
+                                 bias=args["bias"], chunk_size=args["chunk_size"])
+
+
+def test_default_chunk_is_one_percent_of_the_logits():
+    assert default_chunk_size(16_384, 151_936) == 160
+    assert default_chunk_size(100, 151_936) == 16
+
+
+def test_compiles_without_graph_break():
+    torch._dynamo.reset()
+    hidden, weight, bias = make_linear(20, 16, 64, torch.float32, 2, True)
+    _, targets, advantages, weights, _ = make_case(20, 64, torch.float32, {}, seed=2, device=DEVICE)
+
+    def step(h, w, b):
+        return fused_linear_policy_loss(h, w, targets, advantages, weights, bias=b, chunk_size=8).loss
+
+    eager = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    compiled = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    step(*eager).backward()
+    torch.compile(step, fullgraph=True, backend="aot_eager")(*compiled).backward()
+    for a, e in zip(compiled, eager):
+        torch.testing.assert_close(a.grad, e.grad)
