@@ -138,16 +138,8 @@ def measure(device: torch.device, quick: bool, copy_gbs: float) -> list[dict]:
 def _child(spec: dict) -> None:
     device = torch.device("cpu")
     loss_fn, inplace = methods(device)[spec["method"]]
-    dtype = DTYPES[spec["dtype"]]
-    if spec["method"] == "compile":  # compile before the measured run
-        warm_setup, warm_run = _step(loss_fn, inplace, make_inputs(4, spec["vocab"], dtype, device))
-        warm_run(warm_setup())
-
-    def build():
-        setup, run = _step(loss_fn, inplace, make_inputs(spec["num_rows"], spec["vocab"], dtype, device))
-        return run, setup()
-
-    child_peak_report(build, lambda prepared: prepared[0](prepared[1]))
+    inputs = make_inputs(spec["num_rows"], spec["vocab"], DTYPES[spec["dtype"]], device)
+    child_peak_report(*_step(loss_fn, inplace, inputs))
 
 
 if __name__ == "__main__":

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 import torch
@@ -59,28 +60,59 @@ def current_rss_mb() -> float:
     return resident_pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def max_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+class RssSampler:
+    """Highest resident set size seen while the block runs, sampled every `interval_s`.
+
+    The kernel's own high-water mark (ru_maxrss) never goes down, so it would carry a
+    warm-up's peak into the measurement; sampling from a thread (torch releases the GIL
+    in its ops) sees only the block.
+    """
+
+    def __init__(self, interval_s: float = 0.0005):
+        self.interval_s, self.peak_mb = interval_s, 0.0
+        self._stop = threading.Event()
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak_mb = max(self.peak_mb, current_rss_mb())
+            time.sleep(self.interval_s)
+
+    def __enter__(self):
+        self.peak_mb = current_rss_mb()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = max(self.peak_mb, current_rss_mb())
 
 
 def peak_rss_extra_mb_in_child(module: str, spec: dict) -> float:
-    """Run `python -m <module> --child '<spec>'` and read back the peak RSS it reports.
+    """Run `python -m <module> --child '<spec>'` and read back the peak RSS growth it prints.
 
-    The process high-water mark never goes down, so each CPU memory figure comes from a
-    fresh process: it builds its inputs, notes its RSS, runs once and reports the growth.
+    Each CPU memory figure comes from a fresh process, so that no other method's buffers or
+    caches are resident during the measurement.
     """
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1)))
     result = subprocess.run(
         [sys.executable, "-m", module, "--child", json.dumps(spec)],
-        capture_output=True, text=True, check=True, env=env,
+        capture_output=True, text=True, check=True,
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     )
     return float(result.stdout.strip().splitlines()[-1])
 
 
-def child_peak_report(build_inputs, run) -> None:
-    """Body of a `--child` process: print the RSS growth of one run, in MiB."""
-    args = build_inputs()
+def child_peak_report(setup, run) -> None:
+    """Body of a `--child` process: print the RSS growth of one run, in MiB.
+
+    One full run first, so that one-time costs (library initialisation, thread pools,
+    compilation) are not counted as the method's memory; `setup` drops what a run left.
+    """
+    run(setup())
+    gc.collect()
+    args = setup()
     before = current_rss_mb()
-    run(args)
-    print(max(0.0, max_rss_mb() - before))
+    with RssSampler() as sampler:
+        run(args)
+    print(max(0.0, sampler.peak_mb - before))

@@ -15,7 +15,8 @@ Chunk size trades memory for speed. The chunk's logits cost c * V * itemsize byt
 every chunk re-reads and re-writes the [V, H] weight gradient: (T / c) * V * H * 4 bytes
 of traffic in bf16. At V = 151,936 the default (logits of one chunk <= 1% of the full
 logits) keeps the memory target and pays that traffic; `chunk_size` of ~1,024 or more
-rows is the faster choice where memory allows.
+rows is the faster choice where memory allows. Below 32 MiB the 1% rule gives way to a
+32 MiB chunk (see CHUNK_MEMORY_FLOOR_BYTES).
 """
 
 from __future__ import annotations
@@ -36,12 +37,16 @@ from .validation import (
 
 # Default chunk: its logits take at most this fraction of the full [T, V] logits...
 CHUNK_MEMORY_FRACTION = 0.01
-# ...rounded down to a multiple of this many rows (tensor-core tiles), never below it.
+# ...or this many bytes where that is more: below it, chunks get so thin (a few rows) that
+# the GEMMs run far under the machine's matmul rate, for a saving of a few MiB.
+CHUNK_MEMORY_FLOOR_BYTES = 32 << 20
+# Rows are a multiple of this (tensor-core tiles), never fewer.
 CHUNK_ROW_MULTIPLE = 16
 
 
-def default_chunk_size(num_rows: int, vocab: int) -> int:
-    rows = int(num_rows * CHUNK_MEMORY_FRACTION) // CHUNK_ROW_MULTIPLE * CHUNK_ROW_MULTIPLE
+def default_chunk_size(num_rows: int, vocab: int, itemsize: int) -> int:
+    budget = max(CHUNK_MEMORY_FRACTION * num_rows * vocab * itemsize, CHUNK_MEMORY_FLOOR_BYTES)
+    rows = int(budget // (vocab * itemsize)) // CHUNK_ROW_MULTIPLE * CHUNK_ROW_MULTIPLE
     return max(CHUNK_ROW_MULTIPLE, rows)
 
 
@@ -190,9 +195,9 @@ def _check_linear(hidden, weight, bias) -> None:
             raise ValueError(f"bias must have the dtype of hidden ({hidden.dtype}), got {bias.dtype}")
 
 
-def _resolve_chunk_size(chunk_size, num_rows: int, vocab: int) -> int:
+def _resolve_chunk_size(chunk_size, num_rows: int, vocab: int, itemsize: int) -> int:
     if chunk_size is None:
-        return default_chunk_size(num_rows, vocab)
+        return default_chunk_size(num_rows, vocab, itemsize)
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     return chunk_size
@@ -230,7 +235,8 @@ def fused_linear_policy_loss(
         targets, advantages, weights and every keyword of `policy_loss`, same meaning.
             `inplace_backward` changes nothing here: each chunk's logits always take their
             own gradient in place.
-        chunk_size: rows per chunk (default: the chunk's logits are ~1% of the full logits).
+        chunk_size: rows per chunk (default: the chunk's logits take 1% of the full logits,
+            or 32 MiB where that is more).
 
     Returns:
         PolicyLossOutput, as `policy_loss`; `loss` is differentiable in hidden, weight and
@@ -245,7 +251,7 @@ def fused_linear_policy_loss(
         raise ValueError(f"inplace_backward must be a bool, got {inplace_backward!r}")
     check_backend_name(backend)
     num_rows, vocab = hidden.shape[0], weight.shape[0]
-    chunk = _resolve_chunk_size(chunk_size, num_rows, vocab)
+    chunk = _resolve_chunk_size(chunk_size, num_rows, vocab, hidden.dtype.itemsize)
     grad_enabled = torch.is_grad_enabled()
     grad_hidden = grad_enabled and hidden.requires_grad
     grad_weight = grad_enabled and (weight.requires_grad or (bias is not None and bias.requires_grad))
@@ -287,7 +293,7 @@ def fused_linear_token_logprobs(
             "fused_linear_token_logprobs is forward-only and its outputs carry no gradient: call it under "
             "torch.no_grad(), or use fused_linear_policy_loss to train"
         )
-    chunk = _resolve_chunk_size(chunk_size, hidden.shape[0], weight.shape[0])
+    chunk = _resolve_chunk_size(chunk_size, hidden.shape[0], weight.shape[0], hidden.dtype.itemsize)
     logprobs, entropy = torch.ops.siri.fused_linear_token_logprobs(
         hidden, weight, bias, targets, float(temperature), return_entropy, backend, chunk
     )

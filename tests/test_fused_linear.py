@@ -141,9 +141,13 @@ def test_bad_input(change, named):
                                  bias=args["bias"], chunk_size=args["chunk_size"])
 
 
-def test_default_chunk_is_one_percent_of_the_logits():
-    assert default_chunk_size(16_384, 151_936) == 160
-    assert default_chunk_size(100, 151_936) == 16
+def test_default_chunk_size():
+    # Qwen2 vocabulary, 16K tokens, bf16: 1% of the 4.6 GiB logits is 163 rows -> 160.
+    assert default_chunk_size(16_384, 151_936, 2) == 160
+    # Small batches get the 32 MiB floor instead of a few-row chunk: 32 MiB / 128 KB = 262 -> 256.
+    assert default_chunk_size(8192, 32_000, 4) == 256
+    # A vocabulary row larger than the floor still gets one tile of rows.
+    assert default_chunk_size(10, 10_000_000, 4) == 16
 
 
 def test_compiles_without_graph_break():

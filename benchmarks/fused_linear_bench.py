@@ -1,0 +1,136 @@
+"""Hidden states + LM head to the policy loss, forward+backward: fused against naive.
+
+Methods, all measured in the same process:
+- siri-fused: `fused_linear_policy_loss`, chunked, the [T, V] logits never built;
+- siri-logits: logits = hidden @ weight.T materialised, then siri's fused `policy_loss`;
+- naive: the same in plain PyTorch (matmul, log_softmax, gather, loss, autograd);
+- compile: `torch.compile` of naive.
+
+Floor: three GEMMs (logits, grad of hidden, grad of weight), 6 * T * H * V flops over the
+bf16 (GPU) or float32 (CPU) matmul rate measured in this run. Memory: peak beyond inputs,
+outputs and gradients' own size, against the [T, V] logits the fused path never builds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from siri.kernels import fused_linear_policy_loss, policy_loss
+
+from .policy_loss_bench import GRPO, eager_loss
+from .timing import child_peak_report, median_ms, peak_cuda_extra_mb, peak_rss_extra_mb_in_child
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def shapes(device: torch.device, quick: bool) -> list[tuple[int, int, int, str]]:
+    if device.type == "cuda":
+        return [(16_384, 1536, 151_936, "bfloat16")] + ([] if quick else [(16_384, 3584, 151_936, "bfloat16")])
+    return [(2048 if quick else 8192, 256, 32_000, "float32")]
+
+
+def make_inputs(num_rows, hidden_size, vocab, dtype, device, seed=0):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    hidden = torch.randn(num_rows, hidden_size, generator=gen, device=device).to(dtype)
+    weight = (torch.randn(vocab, hidden_size, generator=gen, device=device) / hidden_size**0.5 * 3).to(dtype)
+    targets = torch.randint(0, vocab, (num_rows,), generator=gen, device=device)
+    advantages = torch.randn(num_rows, generator=gen, device=device)
+    weights = torch.full((num_rows,), 1.0 / num_rows, device=device)
+    old = -torch.log(torch.tensor(float(vocab), device=device)) + 0.3 * torch.randn(num_rows, generator=gen, device=device)
+    return hidden, weight, targets, advantages, weights, old
+
+
+def naive_loss(hidden, weight, targets, advantages, weights, old):
+    return eager_loss(hidden @ weight.t(), targets, advantages, weights, old)
+
+
+_compiled_naive = None
+
+
+def compiled_naive_loss(*args):
+    global _compiled_naive
+    if _compiled_naive is None:
+        _compiled_naive = torch.compile(naive_loss)
+    return _compiled_naive(*args)
+
+
+METHODS = {
+    "siri-fused": lambda h, w, *a: fused_linear_policy_loss(h, w, *a[:3], old_logprobs=a[3], clip_low=GRPO.clip_low,
+                                                            clip_high=GRPO.clip_high).loss,
+    "siri-logits": lambda h, w, *a: policy_loss(h @ w.t(), *a[:3], old_logprobs=a[3]).loss,
+    "naive": naive_loss,
+    "compile": compiled_naive_loss,
+}
+
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype, m: int, k: int, n: int) -> float:
+    a = torch.randn(m, k, device=device).to(dtype)
+    b = torch.randn(k, n, device=device).to(dtype)
+    ms = median_ms(lambda _: a @ b, lambda: None, device, min_reps=5, budget_s=2.0)
+    return 2 * m * k * n / (ms * 1e-3) / 1e12
+
+
+def _step(loss_fn, inputs):
+    hidden, weight, *rest = inputs
+    leaves = (hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True))
+
+    def setup():
+        for leaf in leaves:
+            leaf.grad = None
+        return leaves
+
+    def run(prepared):
+        loss_fn(*prepared, *rest).backward()
+
+    return setup, run
+
+
+def measure(device: torch.device, quick: bool, copy_gbs: float) -> list[dict]:
+    rows = []
+    for num_rows, hidden_size, vocab, dtype_name in shapes(device, quick):
+        dtype = DTYPES[dtype_name]
+        # Peak matmul rate from a square GEMM; the floor assumes the three GEMMs reach it.
+        side = 8192 if device.type == "cuda" else 1024
+        rate = matmul_tflops(device, dtype, side, side, side)
+        flops = 6 * num_rows * hidden_size * vocab  # logits, grad of hidden, grad of weight
+        floor_ms = flops / (rate * 1e12) * 1e3
+        logits_mb = num_rows * vocab * dtype.itemsize / 2**20
+        # Gradients of hidden and weight are outputs, not overhead: subtract their size.
+        grads_mb = (num_rows + vocab) * hidden_size * dtype.itemsize / 2**20
+        inputs = make_inputs(num_rows, hidden_size, vocab, dtype, device)
+        for name, loss_fn in METHODS.items():
+            setup, run = _step(loss_fn, inputs)
+            ms = median_ms(run, setup, device, min_reps=3, budget_s=1.0 if quick else 3.0)
+            if device.type == "cuda":
+                peak_mb = peak_cuda_extra_mb(run, setup, device)
+            else:
+                spec = dict(method=name, num_rows=num_rows, hidden_size=hidden_size, vocab=vocab, dtype=dtype_name)
+                peak_mb = peak_rss_extra_mb_in_child("benchmarks.fused_linear_bench", spec)
+            extra_mb = max(0.0, peak_mb - grads_mb)
+            rows.append(dict(
+                section="fused_linear", method=name, T=num_rows, H=hidden_size, V=vocab, dtype=dtype_name,
+                ms=round(ms, 2), tflops=round(flops / (ms * 1e-3) / 1e12, 2), floor_fraction=round(floor_ms / ms, 3),
+                peak_extra_mb=round(extra_mb, 1), extra_vs_logits=round(extra_mb / logits_mb, 4),
+                matmul_tflops=round(rate, 2), logits_mb=round(logits_mb, 1),
+            ))
+        naive = next(r for r in rows if r["method"] == "naive" and r["T"] == num_rows and r["H"] == hidden_size)
+        for row in rows:
+            if row["T"] == num_rows and row["H"] == hidden_size:
+                row["speedup_vs_eager"] = round(naive["ms"] / row["ms"], 2)
+                row["extra_vs_naive"] = round(row["peak_extra_mb"] / max(naive["peak_extra_mb"], 1e-9), 4)
+    return rows
+
+
+def _child(spec: dict) -> None:
+    device = torch.device("cpu")
+    inputs = make_inputs(spec["num_rows"], spec["hidden_size"], spec["vocab"], DTYPES[spec["dtype"]], device)
+    child_peak_report(*_step(METHODS[spec["method"]], inputs))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--child", required=True, help="JSON spec of one CPU peak-memory measurement")
+    _child(json.loads(parser.parse_args().child))
