@@ -15,10 +15,15 @@ extension `siri._C`, when built), "torch" (the chunked PyTorch reference, always
 `backend="auto"` picks the fastest present for the device; `SIRI_BACKEND` overrides it.
 """
 
-from .backends import available_backends
-from .fused_linear import fused_linear_policy_loss, fused_linear_token_logprobs
-from .policy_loss import PolicyLossOutput, policy_loss
-from .token_logprobs import token_logprobs
+# This directory is installed as `siri.kernels`. Python started from a source checkout's
+# root can also reach it as a top-level `kernels`, the name of Hugging Face's hub-kernels
+# package, which transformers probes by importing it. Under that name the package stays
+# empty: the probe then finds no version and moves on, and no op is registered twice.
+if __name__ == "siri.kernels":
+    from .backends import available_backends
+    from .fused_linear import fused_linear_policy_loss, fused_linear_token_logprobs
+    from .policy_loss import PolicyLossOutput, policy_loss
+    from .token_logprobs import token_logprobs
 
 __all__ = [
     "PolicyLossOutput",

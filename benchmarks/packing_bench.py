@@ -1,0 +1,217 @@
+"""One policy-update step (forward, loss, backward) on packed micro-batches vs padded ones.
+
+Setting: one mini-batch of rollouts with long-tailed lengths (log-normal responses, a few
+truncated at the length budget), the paper's GRPO loss (old log-probs, clip 0.2 / 0.28,
+token-mean), one process, the same model and the same samples for both methods:
+
+- packed: `siri.packing.pack` into micro-batches of at most `max_tokens` tokens, the body
+  run once per micro-batch, the LM head and loss on the response positions only
+  (`siri.model_forward.packed_policy_loss`);
+- padded: micro-batches of `max_tokens // longest` samples, every row right-padded to the
+  longest sample of the mini-batch (a fixed response length, as verl pads), with an
+  attention mask; the LM head and loss also on the response positions only, so the two
+  differ only in packing vs padding.
+
+tokens_per_s counts real tokens (prompt + response of every sample, no padding) over the
+median time of the whole step. On a CPU the model is a toy Qwen2 in float32 (the whole
+section runs in well under a minute); on CUDA a Qwen2-1.5B-like body (28 layers, H 1536,
+V 151,936) with random weights in bfloat16.
+
+Attention caveat: without flash-attn, "sdpa" gets the packed layout as a dense
+block-diagonal [N, N] mask, so its attention still costs N² per micro-batch instead of the
+Σ len² of flash-attn's varlen kernel; with flash-attn installed (CUDA), the varlen kernel
+is used and packing also saves the cross-sample attention.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+from siri.kernels import policy_loss
+from siri.model_forward import packed_policy_loss
+from siri.packing import Sample, pack, unpack
+
+LOSS_KWARGS = dict(clip_low=0.2, clip_high=0.28)
+
+
+def config(device: torch.device, quick: bool) -> dict:
+    if device.type == "cuda":
+        model = dict(vocab_size=151_936, hidden_size=1536, num_hidden_layers=8 if quick else 28,
+                     num_attention_heads=12, num_key_value_heads=2, intermediate_size=8960)
+        return dict(model=model, dtype="bfloat16", num_samples=32 if quick else 64, budget=4096,
+                    prompt_range=(64, 512), max_tokens=16_384, reps=3 if quick else 5)
+    model = dict(vocab_size=8192, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, intermediate_size=352)
+    return dict(model=model, dtype="float32", num_samples=8 if quick else 16, budget=512,
+                prompt_range=(16, 64), max_tokens=2048, reps=1 if quick else 3)
+
+
+def make_model(cfg: dict, device: torch.device):
+    import transformers
+
+    attn = "sdpa"
+    if device.type == "cuda":
+        try:
+            import flash_attn  # noqa: F401
+
+            attn = "flash_attention_2"
+        except ImportError:
+            pass
+    torch.manual_seed(0)
+    model_config = transformers.Qwen2Config(**cfg["model"], attn_implementation=attn)
+    dtype = getattr(torch, cfg["dtype"])
+    model = transformers.Qwen2ForCausalLM(model_config).to(device=device, dtype=dtype).train()
+    return model, attn
+
+
+def make_samples(cfg: dict, seed: int = 0) -> list[Sample]:
+    """Long-tailed rollouts: log-normal response lengths (median budget / 6, sigma 1), those
+    reaching the budget cut there and marked truncated (about 4% of them)."""
+    rng = np.random.default_rng(seed)
+    vocab, budget = cfg["model"]["vocab_size"], cfg["budget"]
+    samples = []
+    for _ in range(cfg["num_samples"]):
+        prompt_len = int(rng.integers(*cfg["prompt_range"]))
+        response_len = int(min(budget, max(1, round(rng.lognormal(np.log(budget / 6), 1.0)))))
+        samples.append(Sample(
+            prompt_ids=rng.integers(0, vocab, prompt_len), response_ids=rng.integers(0, vocab, response_len),
+            advantage=float(rng.standard_normal()), old_logprobs=np.log(1 / vocab) + 0.1 * rng.standard_normal(response_len),
+            truncated=response_len == budget,
+        ))
+    return samples
+
+
+def packed_step(model, batches):
+    for batch in batches:
+        packed_policy_loss(model, batch, **LOSS_KWARGS).loss.backward()
+
+
+def padded_batches(samples: list[Sample], max_tokens: int, device: torch.device) -> list[dict]:
+    """Right-padded micro-batches, every row as long as the longest sample, with the same
+    per-token targets, advantages, weights and old log-probs as the packed path."""
+    # One pack call with room for everything gives the mini-batch weights per sample.
+    (whole,) = pack(samples, max_tokens=sum(len(s.prompt_ids) + len(s.response_ids) for s in samples))
+    per_sample = {name: unpack(getattr(whole, name), whole)
+                  for name in ("targets", "advantages", "weights", "old_logprobs")}
+    longest = max(len(s.prompt_ids) + len(s.response_ids) for s in samples)
+    rows = max(1, max_tokens // longest)
+    batches = []
+    for first in range(0, len(samples), rows):
+        chunk = range(first, min(first + rows, len(samples)))
+        input_ids = torch.zeros(len(chunk), longest, dtype=torch.long)
+        attention_mask = torch.zeros(len(chunk), longest, dtype=torch.long)
+        flat_index = []
+        for row, i in enumerate(chunk):
+            ids = np.concatenate([samples[i].prompt_ids, samples[i].response_ids])
+            input_ids[row, : len(ids)] = torch.from_numpy(ids)
+            attention_mask[row, : len(ids)] = 1
+            prompt_len = len(samples[i].prompt_ids)
+            flat_index.append(row * longest + torch.arange(prompt_len - 1, len(ids) - 1))
+        batch = {name: torch.cat([per_sample[name][i] for i in chunk]) for name in per_sample}
+        batch.update(input_ids=input_ids, attention_mask=attention_mask, flat_index=torch.cat(flat_index))
+        batches.append({k: v.to(device) for k, v in batch.items()})
+    return batches
+
+
+def padded_step(model, batches):
+    body, head = model.get_decoder(), model.get_output_embeddings()
+    for b in batches:
+        hidden = body(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).last_hidden_state
+        rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, b["flat_index"])
+        policy_loss(head(rows), b["targets"], b["advantages"], b["weights"], old_logprobs=b["old_logprobs"],
+                    **LOSS_KWARGS).loss.backward()
+
+
+def prepare(method: str, cfg: dict, samples: list[Sample], device: torch.device):
+    if method == "packed":
+        batches = [b.to(device) for b in pack(samples, cfg["max_tokens"])]
+        return batches, packed_step, sum(b.num_tokens for b in batches)
+    batches = padded_batches(samples, cfg["max_tokens"], device)
+    return batches, padded_step, sum(b["input_ids"].numel() for b in batches)
+
+
+def run(device: torch.device, quick: bool) -> list[dict]:
+    """Rows of the packed-vs-padded policy-update comparison on `device`."""
+    from benchmarks.timing import peak_cuda_extra_mb, peak_rss_extra_mb_in_child, synchronize
+
+    cfg = config(device, quick)
+    model, attn = make_model(cfg, device)
+    samples = make_samples(cfg)
+    real_tokens = sum(len(s.prompt_ids) + len(s.response_ids) for s in samples)
+    methods = {name: prepare(name, cfg, samples, device) for name in ("packed", "padded")}
+
+    def setup():
+        model.zero_grad(set_to_none=True)
+
+    def timed(name):
+        batches, step, _ = methods[name]
+        setup()
+        synchronize(device)
+        begin = time.perf_counter()
+        step(model, batches)
+        synchronize(device)
+        return (time.perf_counter() - begin) * 1e3
+
+    for name in methods:  # warm-up (allocator, kernel selection)
+        timed(name)
+    # Interleaved repetitions: a load that comes and goes (a shared machine) hits both alike.
+    times = {name: [] for name in methods}
+    for _ in range(cfg["reps"]):
+        for name in methods:
+            times[name].append(timed(name))
+
+    rows = []
+    for name, (batches, step, computed_tokens) in methods.items():
+        ms = statistics.median(times[name])
+        if device.type == "cuda":
+            peak_mb = peak_cuda_extra_mb(lambda _: step(model, batches), setup, device)
+        else:  # the RSS high-water mark never falls: measure in a fresh process
+            peak_mb = peak_rss_extra_mb_in_child("benchmarks.packing_bench", dict(method=name, quick=quick))
+        rows.append(dict(
+            section="packing", method=name, attn=attn, dtype=cfg["dtype"], samples=len(samples),
+            micro_batches=len(batches), real_tokens=real_tokens, computed_tokens=computed_tokens,
+            ms=round(ms, 1), tokens_per_s=round(real_tokens / (ms * 1e-3)), peak_extra_mb=round(peak_mb, 1),
+        ))
+    packed, padded = rows
+    packed["speedup"] = round(padded["ms"] / packed["ms"], 2)
+    padded["speedup"] = 1.0
+    return rows
+
+
+def measure(device: torch.device, quick: bool, copy_gbs: float | None = None) -> list[dict]:
+    """`benchmarks/run.py`'s section entry point; the copy bandwidth does not apply here."""
+    return run(device, quick)
+
+
+def _child(spec: dict) -> None:
+    from benchmarks.timing import child_peak_report
+
+    device = torch.device("cpu")
+    cfg = config(device, spec["quick"])
+    model, _ = make_model(cfg, device)
+    batches, step, _ = prepare(spec["method"], cfg, make_samples(cfg), device)
+    child_peak_report(lambda: None, lambda _: step(model, batches))
+
+
+if __name__ == "__main__":
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if root not in sys.path:  # `python benchmarks/packing_bench.py` from a checkout
+        sys.path.append(root)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--child", help="JSON spec of one CPU peak-memory measurement (internal)")
+    args = parser.parse_args()
+    if args.child:
+        _child(json.loads(args.child))
+    else:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        for row in run(device, args.quick):
+            print(row)

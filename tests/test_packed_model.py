@@ -1,0 +1,165 @@
+"""A packed forward/backward through a real (tiny, random) Hugging Face model equals running
+each sample alone: same log-probs, and for every loss_agg the same mini-batch loss and
+parameter gradients as a plain per-sample reference written here.
+
+The model is Qwen2 at toy size in float32 and eval mode (no dropout), under "sdpa" and
+"eager": both get their sample isolation from transformers' packed-sequence detection
+(position_ids restarting at 0, no attention mask, no cache).
+"""
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from siri.model_forward import packed_hidden_states, packed_logprobs, packed_policy_loss
+from siri.packing import LOSS_AGGS, Sample, pack, unpack
+
+VOCAB = 131  # odd on purpose: no power-of-two block sizes line up with it
+ATTN_IMPLEMENTATIONS = ["sdpa", "eager"]
+LOSS_KWARGS = dict(clip_low=0.2, clip_high=0.28, kl_coef=0.05, kl_estimator="k3")
+L_NORM = 32
+
+# (prompt, response, truncated). A one-token response, a one-token prompt, an empty
+# response (scores nothing), a truncated one, and lengths that force several micro-batches.
+SPECS = [(5, 9, False), (3, 1, False), (1, 6, False), (4, 0, False), (6, 14, True), (2, 3, False),
+         (7, 11, False), (3, 5, False)]
+MAX_TOKENS = 24
+
+
+def make_model(attn_implementation):
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=128, attn_implementation=attn_implementation,
+    )
+    model = transformers.Qwen2ForCausalLM(config).to(torch.float32).eval()
+    assert model.config._attn_implementation == attn_implementation
+    return model
+
+
+@pytest.fixture(scope="module", params=ATTN_IMPLEMENTATIONS)
+def model(request):
+    return make_model(request.param)
+
+
+def make_samples(seed=0):
+    """Random rollouts with old / ref log-probs near the model's, so ratios clip sometimes."""
+    rng = np.random.default_rng(seed)
+    samples = []
+    for prompt_len, response_len, truncated in SPECS:
+        samples.append(Sample(
+            prompt_ids=rng.integers(0, VOCAB, prompt_len), response_ids=rng.integers(0, VOCAB, response_len),
+            advantage=float(rng.standard_normal()) if response_len % 2 else rng.standard_normal(response_len),
+            old_logprobs=np.log(1 / VOCAB) + 0.3 * rng.standard_normal(response_len),
+            ref_logprobs=np.log(1 / VOCAB) + 0.3 * rng.standard_normal(response_len),
+            truncated=truncated,
+        ))
+    return samples
+
+
+def alone_logprobs(model, sample):
+    """The reference: one sample, a plain full forward, log_softmax over all its positions."""
+    ids = torch.cat([torch.as_tensor(sample.prompt_ids), torch.as_tensor(sample.response_ids)]).long()
+    logits = model(input_ids=ids[None], use_cache=False).logits[0]
+    prompt_len = len(sample.prompt_ids)
+    return torch.log_softmax(logits[prompt_len - 1:-1].float(), dim=-1).gather(-1, ids[prompt_len:, None])[:, 0]
+
+
+def reference_loss(model, samples, loss_agg, mask_truncated=False):
+    """The mini-batch loss written out per sample: clipped PPO + k3 KL, aggregated by loss_agg."""
+    per_sample = []
+    for sample in samples:
+        if len(sample.response_ids) == 0 or (mask_truncated and sample.truncated):
+            continue
+        logp = alone_logprobs(model, sample)
+        advantage = torch.as_tensor(np.broadcast_to(sample.advantage, logp.shape).copy(), dtype=torch.float32)
+        old = torch.as_tensor(sample.old_logprobs, dtype=torch.float32)
+        ref = torch.as_tensor(sample.ref_logprobs, dtype=torch.float32)
+        ratio = torch.exp(torch.clamp(logp - old, -20, 20))
+        clip_low, clip_high = LOSS_KWARGS["clip_low"], LOSS_KWARGS["clip_high"]
+        pg = torch.maximum(-advantage * ratio, -advantage * torch.clamp(ratio, 1 - clip_low, 1 + clip_high))
+        d = ref - logp
+        per_sample.append(pg + LOSS_KWARGS["kl_coef"] * (torch.exp(d) - d - 1))
+    if loss_agg == "token-mean":
+        return torch.cat(per_sample).sum() / sum(x.numel() for x in per_sample)
+    if loss_agg == "seq-mean-token-mean":
+        return torch.stack([x.mean() for x in per_sample]).mean()
+    if loss_agg == "seq-mean-token-sum":
+        return torch.stack([x.sum() for x in per_sample]).mean()
+    return torch.stack([x.sum() for x in per_sample]).mean() / L_NORM
+
+
+def gradients(model):
+    return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def test_packed_logprobs_equal_each_sample_alone(model):
+    samples = make_samples()
+    batches = pack(samples, MAX_TOKENS)
+    assert len(batches) > 1 and any(len(b.sample_ids) > 1 for b in batches)  # really packed, several bins
+    with torch.no_grad():
+        packed = unpack([packed_logprobs(model, b) for b in batches], batches)
+        for sample, got in zip(samples, packed):
+            assert got.dtype == torch.float32 and got.numel() == len(sample.response_ids)
+            torch.testing.assert_close(got, alone_logprobs(model, sample), rtol=1e-5, atol=1e-5)
+
+
+def test_attention_does_not_cross_samples(model):
+    # Changing every token of sample 0 leaves the hidden states of the others bit for bit.
+    samples = make_samples()[:3]
+    changed = make_samples()[:3]
+    changed[0].prompt_ids = (np.asarray(changed[0].prompt_ids) + 1) % VOCAB
+    changed[0].response_ids = (np.asarray(changed[0].response_ids) + 1) % VOCAB
+    with torch.no_grad():
+        (a,), (b,) = pack(samples, 100), pack(changed, 100)
+        ha, hb = packed_hidden_states(model, a), packed_hidden_states(model, b)
+    others = a.sample_index != 0
+    assert not torch.equal(ha[~others], hb[~others])
+    torch.testing.assert_close(ha[others], hb[others], rtol=0, atol=1e-6)
+
+
+def test_keywords_accepted_by_the_full_model(model):
+    # The same kwargs drive the full causal LM: the logits at logit_index agree.
+    (batch,) = pack(make_samples()[:4], 100)
+    with torch.no_grad():
+        logits = model(**batch.model_inputs()).logits[0, batch.logit_index]
+        expected = torch.log_softmax(logits, -1).gather(-1, batch.targets[:, None])[:, 0]
+        torch.testing.assert_close(packed_logprobs(model, batch), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mask_truncated", [False, True])
+@pytest.mark.parametrize("loss_agg", LOSS_AGGS)
+def test_loss_and_gradients_equal_the_unpacked_mini_batch(model, loss_agg, mask_truncated):
+    samples = make_samples(seed=1)
+    batches = pack(samples, MAX_TOKENS, loss_agg, loss_norm_length=L_NORM, mask_truncated=mask_truncated)
+    assert len(batches) > 1
+
+    model.zero_grad(set_to_none=True)
+    total = torch.zeros(())
+    for batch in batches:  # gradient accumulation over the micro-batches of one step
+        out = packed_policy_loss(model, batch, **LOSS_KWARGS)
+        out.loss.backward()
+        total += out.loss.detach()
+        assert out.logprobs.shape == (batch.num_scored,)
+    packed_grads = gradients(model)
+
+    model.zero_grad(set_to_none=True)
+    expected = reference_loss(model, samples, loss_agg, mask_truncated)
+    expected.backward()
+    reference_grads = gradients(model)
+
+    torch.testing.assert_close(total, expected.detach(), rtol=1e-5, atol=1e-6)
+    assert packed_grads.keys() == reference_grads.keys()
+    for name, grad in reference_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    model.zero_grad(set_to_none=True)
+
+
+def test_loss_keywords_from_the_batch_are_refused(model):
+    (batch,) = pack(make_samples()[:2], 100)
+    with pytest.raises(ValueError, match="loss_kwargs"):
+        packed_policy_loss(model, batch, weights=torch.ones(batch.num_scored))
+    with pytest.raises(ValueError, match="batch"):
+        packed_policy_loss(model, {"input_ids": batch.input_ids})
