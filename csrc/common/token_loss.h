@@ -1,0 +1,127 @@
+// Per-row scalar math shared by the CPU and CUDA kernels: the softmax statistics and the
+// per-token policy loss with its derivatives. Compiles as host code and, under nvcc, as
+// device code, so both backends take their formulas from this one place.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "kernel_args.h"
+
+// Host copies have internal linkage: the CPU kernels are compiled once per instruction set
+// (cpu/kernels.h), and an inline function with external linkage would let the linker keep
+// an AVX-512 copy for every caller.
+#ifdef __CUDACC__
+#define SIRI_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define SIRI_HOST_DEVICE static inline
+#endif
+
+namespace siri {
+
+// Running maximum's starting value: finite, so that exp(start - m) is exactly 0 and
+// (start - m) * 0 is 0 rather than the NaN that -inf would give on the first merge.
+constexpr float kMaxStart = -1e30f;
+
+// Online softmax statistics of u = logits / temperature over some of a row's entries:
+// m = max u, s = sum exp(u - m), a = sum exp(u - m) (u - m). Measuring a from the running
+// max keeps the entropy free of the cancellation lse - E[u] would suffer for large logits.
+struct SoftmaxStats {
+  float m, s, a;
+};
+
+SIRI_HOST_DEVICE SoftmaxStats empty_stats() { return {kMaxStart, 0.0f, 0.0f}; }
+
+// Moving a's origin from m to M (M >= m): exp(u - M) (u - M) = r exp(u - m) ((u - m) + (m - M))
+// with r = exp(m - M), so s' = r s and a' = r (a + (m - M) s).
+SIRI_HOST_DEVICE SoftmaxStats merge_stats(SoftmaxStats x, SoftmaxStats y) {
+  const float m = fmaxf(x.m, y.m);
+  const float rx = expf(x.m - m), ry = expf(y.m - m);
+  return {m, rx * x.s + ry * y.s, rx * (x.a + (x.m - m) * x.s) + ry * (y.a + (y.m - m) * y.s)};
+}
+
+SIRI_HOST_DEVICE float stats_lse(SoftmaxStats st) { return st.m + logf(st.s); }
+
+// H = lse - sum p u = log s - a / s.
+SIRI_HOST_DEVICE float stats_entropy(SoftmaxStats st) { return logf(st.s) - st.a / st.s; }
+
+// What one active row contributes: outputs and the derivatives of weight * l w.r.t. logp
+// (grad_logp, "c") and H (grad_entropy, "e"); the gradient pass turns them into
+// d(w l)/dz_j = [c (onehot_j - p_j) - e p_j (log p_j + H)] / temperature.
+struct TokenLoss {
+  float loss;  // weight * l
+  float kl;
+  float clip_code;
+  float grad_logp;
+  float grad_entropy;
+};
+
+// reference.per_token_loss for one row, with the derivatives autograd would give it,
+// including its choices at ties: torch.maximum / torch.minimum split the gradient evenly
+// between equal branches, and torch.clamp passes it at the bounds.
+SIRI_HOST_DEVICE TokenLoss token_loss(float logp, float entropy, int64_t row, const PolicyInputs& in,
+                                      const LossSettings& s) {
+  const float adv = in.advantages[row];
+  const float weight = in.weights[row];
+  // On-policy (no old logprobs): old = stop_grad(logp), so the ratio is exactly 1.
+  const float old = in.old_logprobs ? in.old_logprobs[row] : logp;
+  const float log_ratio = logp - old;
+  const float ratio = expf(fminf(fmaxf(log_ratio, -s.ratio_log_clamp), s.ratio_log_clamp));
+  // d ratio / d logp = ratio inside the clamp (bounds included), 0 where it binds.
+  const bool ratio_in_range = log_ratio >= -s.ratio_log_clamp && log_ratio <= s.ratio_log_clamp;
+
+  const float unclipped = -adv * ratio;
+  const float clipped = -adv * fminf(fmaxf(ratio, 1.0f - s.clip_low), 1.0f + s.clip_high);
+  // clipped > unclipped only when the clamp moved the ratio, where it has no gradient; at a
+  // tie the ratio is in bounds (or A = 0), both branches have slope -A and their even
+  // split is the full -A.
+  float pg = fmaxf(unclipped, clipped);
+  float dpg_dratio = clipped > unclipped ? 0.0f : -adv;
+  float clip_code = clipped > unclipped ? kClipRatio : kClipNone;
+  if (s.has_dual_clip && adv < 0.0f) {
+    const float dual = -adv * s.dual_clip;  // constant: no gradient
+    if (dual < pg) {
+      pg = dual;
+      dpg_dratio = 0.0f;
+      clip_code = kClipDual;
+    } else if (dual == pg) {
+      dpg_dratio *= 0.5f;  // torch.minimum's even split with the constant branch
+    }
+  }
+  float dpg_dlogp = ratio_in_range ? dpg_dratio * ratio : 0.0f;
+  if (in.rollout_logprobs) {
+    // Truncated importance weight of the trainer against the rollout engine: a constant
+    // factor, no gradient through it.
+    const float tis = fminf(expf(old - in.rollout_logprobs[row]), s.tis_cap);
+    pg *= tis;
+    dpg_dlogp *= tis;
+  }
+
+  float kl = 0.0f, dkl_dlogp = 0.0f;
+  if (in.ref_logprobs) {
+    const float d = in.ref_logprobs[row] - logp;  // dd/dlogp = -1
+    if (s.kl_estimator == 1) {
+      kl = -d;
+      dkl_dlogp = 1.0f;
+    } else if (s.kl_estimator == 2) {
+      kl = 0.5f * d * d;
+      dkl_dlogp = -d;
+    } else {
+      const float exp_d = expf(d);
+      kl = exp_d - d - 1.0f;
+      dkl_dlogp = 1.0f - exp_d;
+    }
+  }
+  const float l = pg + s.kl_coef * kl - s.entropy_coef * entropy;
+  return {weight * l, kl, clip_code, weight * (dpg_dlogp + s.kl_coef * dkl_dlogp), -weight * s.entropy_coef};
+}
+
+// Target index of a row, clamped into [0, V): validation rejects out-of-range targets
+// before any launch; the clamp only keeps a run with SIRI_VALIDATE=0 inside the row.
+SIRI_HOST_DEVICE int64_t load_target(const RowsView& rows, int64_t row) {
+  const int64_t y = rows.targets_int64 ? static_cast<const int64_t*>(rows.targets)[row]
+                                       : static_cast<const int32_t*>(rows.targets)[row];
+  return y < 0 ? 0 : (y >= rows.vocab ? rows.vocab - 1 : y);
+}
+
+}  // namespace siri
