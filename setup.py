@@ -127,13 +127,14 @@ setup(
     python_requires=">=3.10",
     packages=["siri", "siri.kernels"],
     package_dir={"siri": "siri", "siri.kernels": "kernels"},
-    install_requires=["torch>=2.6", "numpy", "pyyaml"],
+    install_requires=["torch>=2.6", "numpy", "pyyaml", "transformers>=4.56", "math-verify>=0.9.0"],
     extras_require={
         "triton": ["triton>=3.2"],
-        "test": ["pytest>=8", "hypothesis>=6", "triton>=3.2", "transformers>=4.56"],
+        "test": ["pytest>=8", "hypothesis>=6", "triton>=3.2", "matplotlib", "pyarrow", "tensorboard"],
         "vllm": ["vllm>=0.10"],
-        "dev": ["pytest>=8", "hypothesis>=6", "triton>=3.2", "transformers>=4.56", "ruff", "matplotlib"],
+        "dev": ["pytest>=8", "hypothesis>=6", "triton>=3.2", "matplotlib", "pyarrow", "tensorboard", "ruff"],
     },
+    entry_points={"console_scripts": ["siri=siri.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -56,19 +56,29 @@ def _lm_head(model) -> torch.nn.Module:
 def packed_hidden_states(model, batch: PackedBatch) -> torch.Tensor:
     """The final hidden states [T, H] of `model`'s body at `batch.logit_index`.
 
-    `model` is a transformers causal LM (e.g. `Qwen2ForCausalLM`); its body is
-    `model.get_decoder()` (transformers 5: the base model, e.g. `Qwen2Model`, whose
-    output already went through the final norm). `batch` must be on the model's device.
+    `model` is a transformers causal LM (e.g. `Qwen2ForCausalLM`). Its own forward runs, so
+    that wrappers around it (FSDP2 gathers the root's embeddings, norm and head in the
+    root's forward) see a normal call, but with `logits_to_keep` an empty index: the head
+    scores no position there. The body's output (after the final norm) is taken by a hook
+    on `model.get_decoder()`. `batch` must be on the model's device.
     """
     _check_batch(batch)
     if not hasattr(model, "get_decoder"):
         raise ValueError(f"model: {type(model).__name__} is not a transformers PreTrainedModel (no get_decoder)")
-    body = model.get_decoder()
-    outputs = body(**batch.model_inputs())
-    hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
+    captured = {}
+
+    def keep_output(module, args, output):
+        captured["hidden"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+    handle = model.get_decoder().register_forward_hook(keep_output)
+    try:
+        nothing = batch.logit_index[:0]
+        model(**batch.model_inputs(), logits_to_keep=nothing)
+    finally:
+        handle.remove()
     # [1, N, H] -> [T, H]; index_select's backward scatters into the N rows, so the body
     # gets its gradient at the scored positions and zeros elsewhere.
-    return hidden[0].index_select(0, batch.logit_index)
+    return captured["hidden"][0].index_select(0, batch.logit_index)
 
 
 def _softcap(model):
