@@ -131,7 +131,7 @@ setup(
     extras_require={
         "triton": ["triton>=3.2"],
         "test": ["pytest>=8", "hypothesis>=6", "triton>=3.2", "matplotlib", "pyarrow", "tensorboard"],
-        "vllm": ["vllm>=0.10"],
+        "vllm": ["vllm>=0.10.2"],
         "dev": ["pytest>=8", "hypothesis>=6", "triton>=3.2", "matplotlib", "pyarrow", "tensorboard", "ruff"],
     },
     entry_points={"console_scripts": ["siri=siri.cli:main"]},

@@ -1,0 +1,343 @@
+"""Rollout engines: ordering, EOS and truncation, log-probs, seeding, and the vLLM mappings.
+
+The transformers engine runs for real on a tiny random Qwen2 (CPU, well under a minute).
+vLLM cannot run without CUDA: its pure mappings (settings -> SamplingParams keywords,
+RequestOutput -> Rollout) are tested on plain data, and a `gpu` test drives a real engine
+where vLLM and a GPU are present.
+"""
+
+import importlib.util
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from siri.config import RolloutConfig
+from siri.rollout import (
+    HFEngine,
+    Rollout,
+    SamplingSettings,
+    VLLMEngine,
+    cut_at_eos,
+    eos_token_ids,
+    is_truncated,
+    make_engine,
+)
+from siri.rollout.vllm_engine import named_tensors, rollouts_from_request_output, sampling_params_kwargs
+
+VOCAB = 40
+EOS, EOS2, PAD = 2, 3, 0  # two EOS ids, as Qwen chat models have
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+# Prompts of different lengths on purpose: left padding must not change what is sampled or scored.
+PROMPTS = [[5, 6, 7], [8, 9], [10, 11, 12, 13, 14], [15]]
+
+
+def tiny_config() -> Qwen2Config:
+    return Qwen2Config(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                       num_key_value_heads=1, intermediate_size=64, eos_token_id=EOS, pad_token_id=PAD)
+
+
+def tiny_model(seed: int = 0) -> Qwen2ForCausalLM:
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(tiny_config()).float()
+    model.generation_config = GenerationConfig(eos_token_id=[EOS, EOS2], pad_token_id=PAD)
+    return model
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+
+    vocab = {f"t{i}": i for i in range(VOCAB)}
+    vocab.update({"<pad>": PAD, "<unk>": 1, "<eos>": EOS, "<eot>": EOS2})
+    del vocab[f"t{PAD}"], vocab["t1"], vocab[f"t{EOS}"], vocab[f"t{EOS2}"]
+    backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
+
+
+def force_tokens(model: Qwen2ForCausalLM, biases: dict[int, float]) -> None:
+    """Add `biases[t]` to token t's logit at every position: +100 makes a token certain,
+    -100 impossible (probability e^-100 against logits of order 1)."""
+    head = model.lm_head
+    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        biased.weight.copy_(head.weight)
+        biased.bias.zero_()
+        for token, bias in biases.items():
+            biased.bias[token] = bias
+    model.lm_head = biased
+
+
+def settings(**overrides) -> SamplingSettings:
+    values = dict(n=3, temperature=1.0, top_p=1.0, top_k=-1, max_tokens=10, seed=1234)
+    values.update(overrides)
+    return SamplingSettings(**values)
+
+
+def engine(model, batch_size: int = 2) -> HFEngine:
+    return HFEngine(model, tiny_tokenizer(), batch_size, [EOS, EOS2])
+
+
+def teacher_forced_logprobs(model, prompt, response, temperature) -> torch.Tensor:
+    """log_softmax(logits / T) of the response tokens, one unpadded forward over prompt+response."""
+    ids = torch.tensor([prompt + response])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0].float()
+    rows = logits[len(prompt) - 1: len(prompt) + len(response) - 1] / temperature
+    return torch.log_softmax(rows, dim=-1).gather(1, torch.tensor(response)[:, None]).squeeze(1)
+
+
+# -- settings and shared rules ---------------------------------------------------------
+
+def test_settings_from_config():
+    cfg = RolloutConfig(n=4, temperature=0.6, top_p=0.95, top_k=20)
+    s = SamplingSettings.from_config(cfg, budget=8192, seed=7)
+    assert s == SamplingSettings(n=4, temperature=0.6, top_p=0.95, top_k=20, max_tokens=8192, seed=7)
+    assert s.top_k_enabled and s.top_p_enabled
+    assert not SamplingSettings.from_config(RolloutConfig(), 16, 0).top_k_enabled
+
+
+@pytest.mark.parametrize("field,value", [("n", 0), ("temperature", 0.0), ("temperature", float("nan")),
+                                         ("top_p", 0.0), ("top_p", 1.5), ("max_tokens", 0), ("top_k", 1.5),
+                                         ("seed", "7")])
+def test_settings_reject_bad_values(field, value):
+    with pytest.raises(ValueError, match=field):
+        settings(**{field: value})
+
+
+def test_truncation_rule_and_eos_cut():
+    assert is_truncated([4, 5, 6], [EOS], max_tokens=3)
+    assert not is_truncated([4, 5, EOS], [EOS], max_tokens=3)  # stopped exactly at the budget
+    assert not is_truncated([4, 5], [EOS], max_tokens=3)
+    assert cut_at_eos([4, EOS2, PAD, PAD], [EOS, EOS2]) == ([4, EOS2], True)  # keeps the EOS, drops the padding
+    assert cut_at_eos([4, 5], [EOS]) == ([4, 5], False)
+
+
+def test_eos_ids_from_generation_config_config_and_tokenizer():
+    model = tiny_model()
+    model.generation_config = GenerationConfig(eos_token_id=[EOS2, 7])
+    assert eos_token_ids(tiny_tokenizer(), model) == [EOS2, 7, EOS]  # config's EOS, then the tokenizer's (a dup)
+    assert eos_token_ids(tiny_tokenizer()) == [EOS]
+    with pytest.raises(ValueError, match="EOS"):
+        eos_token_ids(SimpleNamespace(eos_token_id=None))
+
+
+# -- HFEngine --------------------------------------------------------------------------
+
+def test_hf_groups_n_per_prompt_in_order():
+    model = tiny_model()
+    rollouts = engine(model, batch_size=3).generate(PROMPTS, settings(n=3))  # 4 prompts: batches of 3 and 1
+    assert [r.prompt_index for r in rollouts] == [i for i in range(len(PROMPTS)) for _ in range(3)]
+    for r in rollouts:
+        assert r.prompt_ids == PROMPTS[r.prompt_index]
+        assert 1 <= len(r.response_ids) <= 10
+        assert len(r.logprobs) == len(r.response_ids)
+        assert all(0 <= t < VOCAB for t in r.response_ids)
+        # an EOS can only be the last token; the flags follow the shared rule
+        assert not any(t in (EOS, EOS2) for t in r.response_ids[:-1])
+        assert r.truncated == is_truncated(r.response_ids, [EOS, EOS2], 10)
+        assert r.finish_reason == ("length" if r.truncated else "stop")
+    # the seed gives both kinds, so the flags above were checked on each
+    assert {r.truncated for r in rollouts} == {True, False}
+
+
+def test_hf_certain_eos_stops_at_once():
+    model = tiny_model()
+    force_tokens(model, {EOS2: +100.0})  # the second EOS id: every id of the list must stop a response
+    for r in engine(model).generate(PROMPTS, settings()):
+        assert r.response_ids == [EOS2]
+        assert not r.truncated and r.finish_reason == "stop"
+        assert r.logprobs[0] == pytest.approx(0.0, abs=1e-4)
+
+
+def test_hf_impossible_eos_truncates_at_budget():
+    model = tiny_model()
+    force_tokens(model, {EOS: -100.0, EOS2: -100.0})
+    for r in engine(model).generate(PROMPTS, settings(max_tokens=7)):
+        assert len(r.response_ids) == 7
+        assert r.truncated and r.finish_reason == "length"
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, -1, 1.0), (0.7, 5, 0.9)])
+def test_hf_logprobs_match_teacher_forcing(temperature, top_k, top_p):
+    # With top-k/top-p on, the log-probs stay those of the full tempered softmax (the
+    # trainer's logp_t), not of the truncated distribution.
+    model = tiny_model()
+    rollouts = engine(model, batch_size=4).generate(
+        PROMPTS, settings(n=2, temperature=temperature, top_k=top_k, top_p=top_p, max_tokens=12))
+    for r in rollouts:
+        expected = teacher_forced_logprobs(model, r.prompt_ids, r.response_ids, temperature)
+        torch.testing.assert_close(torch.tensor(r.logprobs), expected, atol=1e-4, rtol=0)
+
+
+def test_hf_top_k_restricts_samples():
+    model = tiny_model()
+    rollouts = engine(model).generate(PROMPTS, settings(top_k=1, max_tokens=6, n=2))
+    for r in rollouts:  # top-k 1 is greedy: the n samples of a prompt coincide
+        twin = rollouts[2 * r.prompt_index]
+        assert r.response_ids == twin.response_ids
+
+
+def test_hf_same_seed_same_rollouts_and_rng_untouched():
+    model = tiny_model()
+    hf = engine(model)
+    state = torch.get_rng_state()
+    first = hf.generate(PROMPTS, settings(seed=11))
+    assert torch.equal(torch.get_rng_state(), state)  # the trainer's random stream is not consumed
+    second = hf.generate(PROMPTS, settings(seed=11))
+    other = hf.generate(PROMPTS, settings(seed=12))
+    assert first == second
+    assert [r.response_ids for r in first] != [r.response_ids for r in other]
+
+
+def test_hf_restores_train_mode_and_generation_config():
+    model = tiny_model()
+    model.train()
+    saved = model.generation_config
+    engine(model).generate(PROMPTS[:1], settings(n=1, max_tokens=3))
+    assert model.training
+    assert model.generation_config is saved
+
+
+def test_hf_sync_sleep_are_no_ops_and_reject_other_models():
+    model = tiny_model()
+    hf = engine(model)
+    hf.sync_weights(model)
+    hf.sleep()
+    hf.wake_up()
+    with pytest.raises(ValueError, match="different model"):
+        hf.sync_weights(tiny_model(seed=1))
+    with pytest.raises(ValueError, match="empty"):
+        hf.generate([[5], []], settings())
+
+
+def test_make_engine_picks_by_name():
+    model = tiny_model()
+    cfg = RolloutConfig(engine="hf", generation_batch_size=3)
+    built = make_engine(cfg, model=model, tokenizer=tiny_tokenizer(), model_path="", max_budget=64,
+                        dtype="float32", seed=0)
+    assert isinstance(built, HFEngine)
+    assert built.eos_token_ids == [EOS, EOS2]  # generation config's list first
+    assert built.generation_batch_size == 3
+
+
+# -- vLLM: pure mappings -----------------------------------------------------------------
+
+def test_vllm_sampling_params_mapping():
+    s = settings(n=8, temperature=0.6, top_p=0.95, top_k=-1, max_tokens=8192, seed=5)
+    kwargs = sampling_params_kwargs(s, prompt_index=3, eos_token_ids=[EOS, EOS2])
+    assert {k: v for k, v in kwargs.items() if k != "seed"} == dict(
+        n=8, temperature=0.6, top_p=0.95, top_k=-1, max_tokens=8192, logprobs=0, stop_token_ids=[EOS, EOS2],
+        detokenize=False)
+    assert sampling_params_kwargs(settings(top_k=0), prompt_index=0, eos_token_ids=[EOS])["top_k"] == -1
+    assert sampling_params_kwargs(settings(top_k=20), prompt_index=0, eos_token_ids=[EOS])["top_k"] == 20
+    # per-prompt seeds: stable, distinct across prompts and steps, and leave room for vLLM's seed + i
+    seeds = [sampling_params_kwargs(s, prompt_index=i, eos_token_ids=[EOS])["seed"] for i in range(64)]
+    assert seeds == [sampling_params_kwargs(s, prompt_index=i, eos_token_ids=[EOS])["seed"] for i in range(64)]
+    assert len(set(seeds)) == 64 and all(0 <= x < 2**62 for x in seeds)
+    assert sampling_params_kwargs(settings(seed=6), prompt_index=0, eos_token_ids=[EOS])["seed"] != seeds[0]
+    assert "seed" not in sampling_params_kwargs(settings(seed=None), prompt_index=0, eos_token_ids=[EOS])
+
+
+def completion(index, tokens, reason, logprobs=True):
+    entries = [{t: SimpleNamespace(logprob=-0.1 * (i + 1))} for i, t in enumerate(tokens)] if logprobs else None
+    return SimpleNamespace(index=index, token_ids=tuple(tokens), logprobs=entries, finish_reason=reason)
+
+
+def test_vllm_output_mapping():
+    output = SimpleNamespace(outputs=[  # out of index order on purpose: the mapping sorts
+        completion(2, [7, 8, 9], "length"),
+        completion(0, [7, EOS], "stop"),
+        completion(1, [4, 5, EOS2], "length"),  # hit the cap with an EOS as its last token: it stopped
+    ])
+    rollouts = rollouts_from_request_output(output, prompt_index=5, prompt_ids=[1, 2], eos_token_ids=[EOS, EOS2],
+                                            expected_n=3)
+    assert rollouts == [
+        Rollout(5, [1, 2], [7, EOS], pytest.approx([-0.1, -0.2]), False, "stop"),
+        Rollout(5, [1, 2], [4, 5, EOS2], pytest.approx([-0.1, -0.2, -0.3]), False, "stop"),
+        Rollout(5, [1, 2], [7, 8, 9], pytest.approx([-0.1, -0.2, -0.3]), True, "length"),
+    ]
+    no_logprobs = SimpleNamespace(outputs=[completion(0, [4], "stop", logprobs=False)])
+    assert rollouts_from_request_output(no_logprobs, 0, [1], [EOS], 1)[0].logprobs is None
+
+
+@pytest.mark.parametrize("output,match", [
+    (SimpleNamespace(outputs=[completion(0, [4], "abort")]), "abort"),
+    (SimpleNamespace(outputs=[completion(0, [4], "stop"), completion(1, [4], "stop")]), "expected 1"),
+    (SimpleNamespace(outputs=[SimpleNamespace(index=0, token_ids=[4, 5], logprobs=[{4: -0.1}],
+                                              finish_reason="stop")]), "log-probs"),
+])
+def test_vllm_output_mapping_rejects_bad_outputs(output, match):
+    with pytest.raises(RuntimeError, match=match):
+        rollouts_from_request_output(output, 0, [1], [EOS], 1)
+
+
+def test_named_tensors_strips_wrappers():
+    model = tiny_model()
+    names = dict(named_tensors(model))
+    assert set(names) == set(model.state_dict())
+    wrapped = [("module._orig_mod.lm_head.weight", torch.ones(2)), ("model.norm.weight", torch.zeros(2))]
+    assert [n for n, _ in named_tensors(wrapped)] == ["lm_head.weight", "model.norm.weight"]
+    assert [n for n, _ in named_tensors({"module.a": torch.ones(1)})] == ["a"]
+
+
+@pytest.mark.skipif(HAS_VLLM, reason="vLLM is installed")
+def test_vllm_engine_without_vllm_says_how_to_install():
+    with pytest.raises(ImportError, match=r"vLLM is not installed: pip install 'siri\[vllm\]' \(needs a CUDA GPU\)"):
+        VLLMEngine("unused", max_model_len=64, dtype="float32", gpu_memory_utilization=0.3, enforce_eager=True,
+                   seed=0)
+    for path in ("unused", ""):  # the missing vLLM is reported before a missing model.path
+        with pytest.raises(ImportError, match="vLLM is not installed"):
+            make_engine(RolloutConfig(engine="vllm"), model=tiny_model(), tokenizer=tiny_tokenizer(),
+                        model_path=path, max_budget=64, dtype="float32", seed=0)
+
+
+# -- vLLM: a real engine -------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed")
+def test_vllm_engine_end_to_end(tmp_path):
+    # head_dim 64: vLLM's attention backends do not take the 16 of tiny_config().
+    config = Qwen2Config(vocab_size=VOCAB, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, intermediate_size=256, eos_token_id=EOS, pad_token_id=PAD,
+                         max_position_embeddings=256)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+    model.generation_config = GenerationConfig(eos_token_id=[EOS, EOS2], pad_token_id=PAD)
+    model.save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+
+    vllm_engine = VLLMEngine(str(tmp_path), max_model_len=64, dtype="bfloat16", gpu_memory_utilization=0.3,
+                             enforce_eager=True, seed=0, eos_token_ids=[EOS, EOS2])
+    try:
+        s = settings(n=4, max_tokens=16, seed=3)
+        rollouts = vllm_engine.generate(PROMPTS, s)
+        assert [r.prompt_index for r in rollouts] == [i for i in range(len(PROMPTS)) for _ in range(4)]
+        for r in rollouts:
+            assert 1 <= len(r.response_ids) <= 16 and len(r.logprobs) == len(r.response_ids)
+            assert r.truncated == is_truncated(r.response_ids, [EOS, EOS2], 16)
+        again = vllm_engine.generate(PROMPTS, s)  # per-request seeds: reproducible
+        assert [r.response_ids for r in again] == [r.response_ids for r in rollouts]
+
+        # log-probs agree with the trainer's recomputation (bf16 tolerance)
+        hf_model = model.to("cuda").float()
+        for r in rollouts[:4]:
+            expected = teacher_forced_logprobs(hf_model, r.prompt_ids, r.response_ids, 1.0).cpu()
+            torch.testing.assert_close(torch.tensor(r.logprobs), expected, atol=0.05, rtol=0)
+
+        # sync while asleep, from (name, tensor) pairs: a zero final-norm weight zeroes the hidden
+        # states, so every logit is 0 and every token has log-prob -log(V) once vLLM follows
+        vllm_engine.sleep()
+        state = {name: t.to(torch.bfloat16) for name, t in hf_model.state_dict().items()}
+        state["model.norm.weight"].zero_()
+        vllm_engine.sync_weights(state.items())
+        vllm_engine.wake_up()
+        uniform = vllm_engine.generate(PROMPTS[:1], settings(n=8, max_tokens=4, seed=0))
+        log_uniform = -torch.log(torch.tensor(float(VOCAB))).item()
+        for r in uniform:
+            assert r.logprobs == pytest.approx([log_uniform] * len(r.logprobs), abs=1e-2)
+    finally:
+        vllm_engine.close()
