@@ -1,0 +1,83 @@
+"""The `siri` command: `siri train`, `siri eval`.
+
+    siri train --config configs/siri-1.5b.yaml model.path=/models/r1-distill-1.5b output_dir=runs/a
+    siri eval --model runs/a/checkpoints/step-0001599-low/policy --data aime24.jsonl --budget 8192 --k 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from siri.config import DataConfig, RolloutConfig, load_config
+
+
+def _train(args) -> int:
+    from siri.trainer import train
+
+    cfg = load_config(args.config, args.overrides)
+    train(cfg, resume=not args.no_resume)
+    return 0
+
+
+def _eval(args) -> int:
+    from siri.evaluate import run_eval
+    from siri.trainer import resolve_device
+
+    rollout = RolloutConfig(engine=args.engine, temperature=args.temperature, top_p=args.top_p,
+                            generation_batch_size=args.generation_batch_size)
+    data = DataConfig(problem_key=args.problem_key, answer_key=args.answer_key,
+                      use_chat_template=not args.no_chat_template, max_prompt_length=args.max_prompt_length)
+    run_eval(args.model, args.data, budget=args.budget, k=args.k, out_dir=args.out, rollout_cfg=rollout,
+             data_cfg=data, device=resolve_device(args.device), dtype=args.dtype, seed=args.seed)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="siri", description="RL for reasoning models under an interleaved length budget")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="run SIRI training from a YAML config")
+    train.add_argument("--config", help="YAML config file (defaults: the paper's setting)")
+    train.add_argument("--no-resume", action="store_true", help="ignore checkpoints already in output_dir")
+    train.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    train.set_defaults(run=_train)
+
+    ev = commands.add_parser("eval", help="pass@1 over k samples at a length budget, Table-1 style")
+    ev.add_argument("--model", action="append", required=True, help="model directory (repeat for several)")
+    ev.add_argument("--data", action="append", required=True, help="jsonl or parquet file (repeat for several)")
+    ev.add_argument("--budget", type=int, required=True, help="maximum response tokens")
+    ev.add_argument("--k", type=int, default=4, help="samples per problem")
+    ev.add_argument("--temperature", type=float, default=0.6)
+    ev.add_argument("--top-p", type=float, default=0.95)
+    ev.add_argument("--engine", choices=["hf", "vllm"], default="hf")
+    ev.add_argument("--generation-batch-size", type=int, default=64)
+    ev.add_argument("--problem-key", default="problem")
+    ev.add_argument("--answer-key", default="answer")
+    ev.add_argument("--max-prompt-length", type=int, default=1024)
+    ev.add_argument("--no-chat-template", action="store_true")
+    ev.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ev.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--out", help="folder for eval.json and accuracy_vs_length.png")
+    ev.set_defaults(run=_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code = args.run(args)
+    except (ValueError, ImportError) as error:
+        print(f"siri {args.command}: error: {error}", file=sys.stderr)
+        code = 2
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from siri.distributed import exit_process
+
+        exit_process(code)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Data parallelism for the trainer: torchrun, FSDP2 sharding, and exact loss weights.
+
+Without torchrun (no WORLD_SIZE in the environment) every function here is the identity
+of a single process. Under torchrun each rank generates for its share of the prompts,
+packs its own samples, and the policy is sharded with FSDP2 (`fully_shard` on every
+decoder layer, then the root).
+
+Exactness: `siri.packing` normalises loss weights over the samples it is given. A rank
+only has its share, so its weights are rescaled by local/global normaliser (tokens for
+token-mean, samples otherwise), and its loss by the world size because FSDP averages the
+gradients across ranks. The sum over ranks is then exactly the single-process mini-batch
+loss. FSDP's collectives need every rank to run the same number of micro-batches: ranks
+with fewer run zero-weight ones.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistState:
+    enabled: bool = False
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup(device_name: str) -> DistState:
+    """Initialise the process group when launched by torchrun (gloo on CPU, NCCL on GPU)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return DistState()
+    use_cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return DistState(True, dist.get_rank(), dist.get_world_size(), device)
+
+
+def teardown(state: DistState) -> None:
+    if state.enabled and dist.is_initialized():
+        # A rank that tears the group down while another still uses it can abort the
+        # process (gloo's threads); leave together.
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def exit_process(code: int) -> None:
+    """End a torchrun worker now that its work is saved.
+
+    A gloo process group can leave a native thread joinable at interpreter teardown, which
+    aborts the process after the last line of Python ran (seen about once in six two-rank
+    CPU runs), and torchrun then reports a finished run as failed. Every file is closed
+    and synced by the time this is called, so skipping the teardown loses nothing.
+    """
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A gradient-free copy of the policy (the KL reference)."""
+    ref = copy.deepcopy(model).eval()
+    for parameter in ref.parameters():
+        parameter.requires_grad_(False)
+    return ref
+
+
+def _decoder_layers(model: torch.nn.Module):
+    body = model.get_decoder() if hasattr(model, "get_decoder") else model
+    return getattr(body, "layers", [])
+
+
+def shard(model: torch.nn.Module, state: DistState) -> torch.nn.Module:
+    """FSDP2: shard every decoder layer, then the rest, across the ranks."""
+    if not state.enabled:
+        return model
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in _decoder_layers(model):
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model  # FSDP2 shards in place: the module keeps its class and save_pretrained
+
+
+def full_state_dict(model: torch.nn.Module, state: DistState) -> dict | None:
+    """The whole (unsharded) state dict on CPU for rank 0, None for the others; None
+    without distribution (the model's own state dict is used)."""
+    if not state.enabled:
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return full if state.is_main else None
+
+
+def _all_reduce(values: torch.Tensor, state: DistState, op) -> torch.Tensor:
+    if state.enabled:
+        values = values.to(state.device)
+        dist.all_reduce(values, op=op)
+    return values.cpu()
+
+
+def sum_metrics(local: dict[str, float], state: DistState) -> dict[str, float]:
+    names = sorted(local)
+    totals = _all_reduce(torch.tensor([local[n] for n in names], dtype=torch.float64), state, dist.ReduceOp.SUM)
+    return dict(zip(names, totals.tolist()))
+
+
+def max_value(value: float, state: DistState) -> float:
+    return float(_all_reduce(torch.tensor([value], dtype=torch.float64), state, dist.ReduceOp.MAX)[0])
+
+
+def weight_normaliser(samples, loss_agg: str, mask_truncated: bool) -> int:
+    """What `siri.packing` divides by: scored tokens (token-mean) or scored samples."""
+    counted = [s for s in samples if len(s.response_ids) > 0 and not (mask_truncated and s.truncated)]
+    if loss_agg == "token-mean":
+        return sum(len(s.response_ids) for s in counted)
+    return len(counted)
+
+
+def globalise_weights(batches, samples, loss_agg: str, mask_truncated: bool, state: DistState):
+    """Rescale one rank's micro-batch weights from its local to the global normaliser, and
+    pad the list with zero-weight micro-batches up to the largest count of any rank."""
+    if not state.enabled:
+        return batches
+    local = weight_normaliser(samples, loss_agg, mask_truncated)
+    total = float(_all_reduce(torch.tensor([local], dtype=torch.float64), state, dist.ReduceOp.SUM)[0])
+    most = int(max_value(len(batches), state))
+    factor = local / total if total > 0 else 0.0
+    rescaled = [dataclasses.replace(b, weights=b.weights * factor) for b in batches]
+    while len(rescaled) < most:
+        rescaled.append(_zero_weight_batch(rescaled[-1] if rescaled else None, samples))
+    return rescaled
+
+
+def _zero_weight_batch(template, samples):
+    """A micro-batch that runs the model (so FSDP's collectives line up) and scores nothing."""
+    if template is None:
+        from siri.packing import Sample, pack
+
+        token = samples[0].prompt_ids[0] if samples else 0
+        (template,) = pack([Sample(prompt_ids=[token], response_ids=[token], advantage=0.0)], max_tokens=2)
+    return dataclasses.replace(template, weights=torch.zeros_like(template.weights))
+
+
+def loss_scale(state: DistState) -> float:
+    """FSDP averages gradients over ranks; scaling each rank's loss by the world size turns
+    that average into the sum the global weights are normalised for."""
+    return float(state.world_size)
+
+
+def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
+        norm = norm.full_tensor()
+    return float(norm)

@@ -1,0 +1,155 @@
+"""`siri eval`: pass@1 over k samples at a length budget, per data set, like the paper's Table 1.
+
+For each model (a checkpoint's `policy` directory, or any Hugging Face model directory)
+and each data set, every problem is sampled k times with the budget as the maximum
+response length; a sample is correct when the answer extracted from it (cut at the budget)
+matches the gold one. pass@1 is the mean over problems of the fraction of correct samples;
+length is the mean response length in tokens. With several models, accuracy against
+length is drawn as a PNG.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from siri.config import DataConfig, RolloutConfig
+from siri.data import PromptDataset
+from siri.rewards import length_capped_reward, score_batch
+from siri.rollout import SamplingSettings, make_engine
+
+
+@dataclass
+class EvalResult:
+    model: str
+    budget: int
+    # data set name -> {"acc": pass@1 in [0, 1], "len": mean response tokens, "n": problems}
+    datasets: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def average(self) -> dict:
+        if not self.datasets:
+            return {"acc": 0.0, "len": 0.0}
+        values = list(self.datasets.values())
+        return {"acc": sum(v["acc"] for v in values) / len(values), "len": sum(v["len"] for v in values) / len(values)}
+
+
+def evaluate_model(model, tokenizer, datasets: dict[str, PromptDataset], *, budget: int, k: int,
+                   rollout_cfg: RolloutConfig, seed: int = 0, model_path: str = "", dtype: str = "float32",
+                   name: str = "model") -> EvalResult:
+    """pass@1 (mean over k samples) and mean length of `model` on each data set."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if budget < 1:
+        raise ValueError(f"budget must be >= 1, got {budget}")
+    longest = max((len(d[i].prompt_ids) for d in datasets.values() for i in range(len(d))), default=0)
+    cfg = RolloutConfig(**{**rollout_cfg.__dict__, "n": k})
+    engine = make_engine(cfg, model=model, tokenizer=tokenizer, model_path=model_path, max_budget=longest + budget,
+                         dtype=dtype, seed=seed)
+    result = EvalResult(model=name, budget=budget)
+    try:
+        settings = SamplingSettings.from_config(cfg, budget, seed=seed)
+        for data_name, dataset in datasets.items():
+            problems = [dataset[i] for i in range(len(dataset))]
+            with torch.no_grad():
+                rollouts = engine.generate([p.prompt_ids for p in problems], settings)
+            texts = tokenizer.batch_decode([r.response_ids for r in rollouts], skip_special_tokens=True)
+            correct = score_batch(
+                length_capped_reward, texts, [problems[r.prompt_index].answer for r in rollouts],
+                truncated=[r.truncated for r in rollouts], response_lens=[len(r.response_ids) for r in rollouts],
+                budget=budget,
+            )
+            per_problem = [0.0] * len(problems)
+            for rollout, score in zip(rollouts, correct):
+                per_problem[rollout.prompt_index] += score / k
+            result.datasets[data_name] = {
+                "acc": sum(per_problem) / max(len(problems), 1),
+                "len": sum(len(r.response_ids) for r in rollouts) / max(len(rollouts), 1),
+                "n": len(problems),
+            }
+    finally:
+        engine.close()
+    return result
+
+
+def format_table(results: list[EvalResult]) -> str:
+    """Rows: models; columns: each data set's accuracy (%) and mean length, then the average."""
+    names = sorted({d for r in results for d in r.datasets})
+    header = ["model"] + [f"{n} acc" for n in names] + [f"{n} len" for n in names] + ["avg acc", "avg len"]
+    rows = []
+    for r in results:
+        avg = r.average
+        rows.append([r.model]
+                    + [f"{100 * r.datasets[n]['acc']:.1f}" if n in r.datasets else "-" for n in names]
+                    + [f"{r.datasets[n]['len']:.0f}" if n in r.datasets else "-" for n in names]
+                    + [f"{100 * avg['acc']:.1f}", f"{avg['len']:.0f}"])
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in rows]
+    return "\n".join(lines)
+
+
+def plot_accuracy_vs_length(results: list[EvalResult], path: str) -> None:
+    """Each model's average accuracy against its average response length (PNG)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        raise ImportError("drawing the plot needs matplotlib: pip install matplotlib") from error
+    fig, ax = plt.subplots(figsize=(6, 4))
+    lengths = [r.average["len"] for r in results]
+    accuracies = [100 * r.average["acc"] for r in results]
+    ax.plot(lengths, accuracies, "o-", color="tab:blue")
+    for r, x, y in zip(results, lengths, accuracies):
+        ax.annotate(r.model, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("mean response length (tokens)")
+    ax.set_ylabel("pass@1 (%)")
+    ax.set_title(f"accuracy against length (budget {results[0].budget})")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def load_model(path: str, device: torch.device, dtype: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from siri.trainer import TORCH_DTYPES
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=TORCH_DTYPES[dtype]).to(device).eval()
+    return model, tokenizer
+
+
+def run_eval(models: list[str], data_files: list[str], *, budget: int, k: int, out_dir: str | None,
+             rollout_cfg: RolloutConfig, data_cfg: DataConfig, device: torch.device, dtype: str,
+             seed: int = 0) -> list[EvalResult]:
+    """Evaluate each model directory on each data file; print the table, save JSON and PNG."""
+    if not models:
+        raise ValueError("models: give at least one model directory")
+    if not data_files:
+        raise ValueError("data: give at least one jsonl or parquet file")
+    results = []
+    for path in models:
+        if not os.path.isdir(path):
+            raise ValueError(f"model {path!r} is not a directory")
+        model, tokenizer = load_model(path, device, dtype)
+        datasets = {os.path.splitext(os.path.basename(f))[0]: PromptDataset([f], tokenizer, data_cfg) for f in data_files}
+        name = os.path.basename(os.path.dirname(path.rstrip("/"))) if os.path.basename(path.rstrip("/")) == "policy" else os.path.basename(path.rstrip("/"))
+        results.append(evaluate_model(model, tokenizer, datasets, budget=budget, k=k, rollout_cfg=rollout_cfg,
+                                      seed=seed, model_path=path, dtype=dtype, name=name))
+        del model
+    print(format_table(results))
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "eval.json"), "w") as handle:
+            json.dump([{"model": r.model, "budget": r.budget, "datasets": r.datasets, "average": r.average}
+                       for r in results], handle, indent=2)
+        if len(results) > 1:
+            plot_accuracy_vs_length(results, os.path.join(out_dir, "accuracy_vs_length.png"))
+    return results

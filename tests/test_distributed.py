@@ -1,0 +1,34 @@
+"""Two CPU processes on gloo with FSDP2 get the loss and gradients of one process."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from trainer_fixtures import tiny_overrides
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean"])
+def test_two_ranks_match_one_process(tmp_path, loss_agg):
+    overrides = tiny_overrides(tmp_path, **{"algorithm.loss_agg": loss_agg, "reward.mask_truncated": "true",
+                                            "algorithm.fused_linear": "true"})
+    config = tmp_path / "overrides.json"
+    config.write_text(json.dumps(overrides))
+    script = os.path.join(HERE, "distributed_update.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, script, str(tmp_path / "one.pt"), str(config)], check=True, env=env)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    script, str(tmp_path / "two.pt"), str(config)], check=True, env=env)
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
+    assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-5)
+    assert one["grads"].keys() == two["grads"].keys()
+    for name, grad in one["grads"].items():
+        torch.testing.assert_close(two["grads"][name], grad, atol=1e-7, rtol=1e-4, msg=name)

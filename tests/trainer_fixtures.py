@@ -1,0 +1,65 @@
+"""A tiny model, tokenizer and arithmetic data set that the trainer tests build themselves."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+CHARS = list("0123456789+=?\\{}boxed ")
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, **{c: i + 2 for i, c in enumerate(CHARS)}}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    core.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>")
+
+
+def make_model(tokenizer, seed: int = 0):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        intermediate_size=64, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.eos_token_id, attn_implementation="sdpa", tie_word_embeddings=False,
+    )
+    model = Qwen2ForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def write_problems(path: str, count: int = 12) -> str:
+    with open(path, "w") as handle:
+        for i in range(count):
+            a, b = i % 7 + 1, (3 * i) % 5 + 2
+            handle.write(json.dumps({"problem": f"{a}+{b}=?", "answer": str(a + b)}) + "\n")
+    return path
+
+
+def save_model_dir(path: str, seed: int = 0) -> str:
+    tokenizer = make_tokenizer()
+    make_model(tokenizer, seed).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def tiny_overrides(tmp_path, **extra) -> list[str]:
+    """Overrides for a run of a few seconds per step on a CPU."""
+    os.makedirs(tmp_path, exist_ok=True)
+    data = write_problems(os.path.join(tmp_path, "train.jsonl"))
+    values = {
+        "data.train_files": f"[{data}]", "data.use_chat_template": "false", "data.instruction": "''",
+        "schedule.kind": "cosine", "schedule.l_max": 10, "schedule.l_min": 4, "schedule.period": 4,
+        "rollout.engine": "hf", "rollout.n": 3, "prompts_per_step": 2, "total_steps": 4,
+        "algorithm.max_tokens_per_micro_batch": 24, "optim.lr": "1e-2", "model.dtype": "float32",
+        "checkpoint.every": 100, "logging.progress": "false", "device": "cpu", "output_dir": str(tmp_path / "run"),
+        **extra,
+    }
+    return [f"{key}={value}" for key, value in values.items()]
