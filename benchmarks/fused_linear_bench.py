@@ -21,7 +21,7 @@ import torch
 from siri.kernels import fused_linear_policy_loss, policy_loss
 
 from .policy_loss_bench import GRPO, eager_loss
-from .timing import child_peak_report, median_ms, peak_cuda_extra_mb, peak_rss_extra_mb_in_child
+from .timing import child_peak_report, compiled_on_first_call, median_ms, peak_cuda_extra_mb, peak_rss_extra_mb_in_child
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -47,14 +47,7 @@ def naive_loss(hidden, weight, targets, advantages, weights, old):
     return eager_loss(hidden @ weight.t(), targets, advantages, weights, old)
 
 
-_compiled_naive = None
-
-
-def compiled_naive_loss(*args):
-    global _compiled_naive
-    if _compiled_naive is None:
-        _compiled_naive = torch.compile(naive_loss)
-    return _compiled_naive(*args)
+compiled_naive_loss = compiled_on_first_call(naive_loss)
 
 
 METHODS = {

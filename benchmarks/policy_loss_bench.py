@@ -23,7 +23,7 @@ from siri.kernels.backends import BACKEND_NAMES, _load
 from siri.kernels.config import LossConfig
 from siri.kernels.reference import per_token_loss
 
-from .timing import child_peak_report, median_ms, peak_cuda_extra_mb, peak_rss_extra_mb_in_child
+from .timing import child_peak_report, compiled_on_first_call, median_ms, peak_cuda_extra_mb, peak_rss_extra_mb_in_child
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 GRPO = LossConfig(clip_low=0.2, clip_high=0.28)
@@ -59,14 +59,7 @@ def eager_loss(logits, targets, advantages, weights, old):
     return (weights * loss_t).sum()
 
 
-_compiled_eager_loss = None
-
-
-def compiled_loss(*args):
-    global _compiled_eager_loss
-    if _compiled_eager_loss is None:
-        _compiled_eager_loss = torch.compile(eager_loss)
-    return _compiled_eager_loss(*args)
+compiled_loss = compiled_on_first_call(eager_loss)
 
 
 def methods(device: torch.device) -> dict:

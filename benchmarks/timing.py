@@ -14,6 +14,19 @@ import time
 import torch
 
 
+def compiled_on_first_call(fn):
+    """`torch.compile(fn)`, compiled when first called, so importing a benchmark costs nothing."""
+    compiled = None
+
+    def call(*args):
+        nonlocal compiled
+        if compiled is None:
+            compiled = torch.compile(fn)
+        return compiled(*args)
+
+    return call
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -82,7 +82,10 @@ def per_token_loss(logp, entropy, advantages, old_logprobs, ref_logprobs, rollou
         dual_binds = (advantages < 0) & (dual < pg)
         pg = torch.where(advantages < 0, torch.minimum(pg, dual), pg)
         clip_code = torch.where(dual_binds, CLIP_DUAL, clip_code)
-        dpg_dratio = torch.where(dual_binds, torch.zeros_like(dpg_dratio), dpg_dratio)
+        # At an exact tie torch.minimum splits the gradient between its arguments: half.
+        dual_ties = (advantages < 0) & (dual == pg)
+        dpg_dratio = torch.where(dual_binds, torch.zeros_like(dpg_dratio),
+                                 torch.where(dual_ties, 0.5 * dpg_dratio, dpg_dratio))
     in_range = (log_ratio >= -RATIO_LOG_CLAMP) & (log_ratio <= RATIO_LOG_CLAMP)
     slope = torch.where(in_range, dpg_dratio * ratio, torch.zeros_like(ratio))
     if rollout_logprobs is not None and cfg.tis_cap is not None:

@@ -147,8 +147,10 @@ def policy_loss_kernel(
         if HAS_DUAL_CLIP:
             dual = -adv * dual_clip
             dual_binds = (adv < 0) & (dual < pg)
+            # An exact tie splits the gradient in half, as torch.minimum does in the reference.
+            dual_ties = (adv < 0) & (dual == pg)
             pg = tl.where(dual_binds, dual, pg)
-            dpg_dratio = tl.where(dual_binds, 0.0, dpg_dratio)
+            dpg_dratio = tl.where(dual_binds, 0.0, tl.where(dual_ties, 0.5 * dpg_dratio, dpg_dratio))
             clip_code = tl.where(dual_binds, 2.0, clip_code)
         dpg_dlogp = tl.where(ratio_in_range, dpg_dratio * ratio, 0.0)
         if HAS_TIS:

@@ -23,7 +23,6 @@ import importlib
 import importlib.util
 import logging
 import math
-import operator
 import os
 import re
 import signal
@@ -33,7 +32,9 @@ import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
-from typing import Any, Protocol, Sequence
+from typing import Protocol, Sequence
+
+from siri.checks import as_int
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
@@ -319,21 +320,8 @@ def is_correct(response_text: str, gold: str, timeout_s: float = DEFAULT_TIMEOUT
 # Reward functions
 
 
-def _as_int(name: str, value: Any, *, minimum: int) -> int:
-    """`value` as an int >= `minimum` (numpy and torch integer scalars too), or ValueError naming `name`."""
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be an integer, got bool {value!r}")
-    try:
-        as_int = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be an integer, got {type(value).__name__} {value!r}") from None
-    if as_int < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {as_int}")
-    return as_int
-
-
 def _check_lengths(response_len: int, budget: int) -> tuple[int, int]:
-    return _as_int("response_len", response_len, minimum=0), _as_int("budget", budget, minimum=1)
+    return as_int("response_len", response_len, minimum=0), as_int("budget", budget, minimum=1)
 
 
 def length_capped_reward(response_text: str, gold: str, *, truncated: bool, response_len: int, budget: int) -> float:
@@ -364,7 +352,7 @@ def overlong_penalty(response_len: int, budget: int, buffer: int) -> float:
     `budget`. `buffer` is DAPO's L_cache (4096 of 20480 in the paper), ``1 <= buffer <= budget``.
     """
     response_len, budget = _check_lengths(response_len, budget)
-    buffer = _as_int("buffer", buffer, minimum=1)
+    buffer = as_int("buffer", buffer, minimum=1)
     if buffer > budget:
         raise ValueError(f"buffer must be <= budget, got buffer={buffer} > budget={budget}")
     start = budget - buffer
@@ -383,7 +371,7 @@ def with_overlong_penalty(reward_fn: RewardFn, buffer: int) -> RewardFn:
     """
     if not callable(reward_fn):
         raise ValueError(f"reward_fn must be callable, got {reward_fn!r}")
-    buffer = _as_int("buffer", buffer, minimum=1)
+    buffer = as_int("buffer", buffer, minimum=1)
 
     def penalized(response_text: str, gold: str, *, truncated: bool, response_len: int, budget: int) -> float:
         reward = reward_fn(response_text, gold, truncated=truncated, response_len=response_len, budget=budget)
@@ -476,12 +464,12 @@ def score_batch(
         if len(values) != n:
             raise ValueError(f"{name} has {len(values)} entries, responses has {n}")
     if hasattr(budget, "__len__") and getattr(budget, "ndim", 1) > 0:  # not a 0-dim tensor
-        budgets = [_as_int("budget", value, minimum=1) for value in budget]
+        budgets = [as_int("budget", value, minimum=1) for value in budget]
         if len(budgets) != n:
             raise ValueError(f"budget has {len(budgets)} entries, responses has {n}")
     else:
-        budgets = [_as_int("budget", budget, minimum=1)] * n
-    num_workers = _as_int("num_workers", num_workers, minimum=1)
+        budgets = [as_int("budget", budget, minimum=1)] * n
+    num_workers = as_int("num_workers", num_workers, minimum=1)
 
     def score(i: int) -> float:
         return float(
@@ -489,7 +477,7 @@ def score_batch(
                 responses[i],
                 golds[i],
                 truncated=bool(truncated[i]),
-                response_len=_as_int("response_lens", response_lens[i], minimum=0),
+                response_len=as_int("response_lens", response_lens[i], minimum=0),
                 budget=budgets[i],
             )
         )

@@ -29,8 +29,9 @@ from __future__ import annotations
 import abc
 import bisect
 import math
-import operator
 from typing import Any, Literal, Sequence
+
+from siri.checks import as_int
 
 __all__ = ["LengthSchedule", "PeriodicSchedule", "StagedSchedule", "make_schedule", "SCHEDULE_KINDS"]
 
@@ -39,23 +40,6 @@ SCHEDULE_KINDS = PERIODIC_KINDS + ("constant", "staged")
 
 Phase = Literal["compress", "expand"]
 CheckpointTag = Literal["low", "high"]
-
-
-def _as_int(name: str, value: Any, *, minimum: int) -> int:
-    """`value` as an int >= `minimum`, or ValueError naming `name`.
-
-    Accepts anything with ``__index__`` (numpy and torch integer scalars) but not bools
-    or floats: a budget of 8192.5 tokens or a period of ``True`` is a configuration bug.
-    """
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be an integer, got bool {value!r}")
-    try:
-        as_int = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be an integer, got {type(value).__name__} {value!r}") from None
-    if as_int < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {as_int}")
-    return as_int
 
 
 def _round_half_up(x: float) -> int:
@@ -76,7 +60,7 @@ class LengthSchedule(abc.ABC):
     kind: str
 
     def __init__(self, round_to: int) -> None:
-        self.round_to = _as_int("round_to", round_to, minimum=1)
+        self.round_to = as_int("round_to", round_to, minimum=1)
 
     @abc.abstractmethod
     def _raw_length(self, step: int) -> float:
@@ -91,7 +75,7 @@ class LengthSchedule(abc.ABC):
 
     def __call__(self, step: int) -> int:
         """The budget in tokens at training step `step` (counted from 0)."""
-        step = _as_int("step", step, minimum=0)
+        step = as_int("step", step, minimum=0)
         return self._round(self._raw_length(step))
 
     @abc.abstractmethod
@@ -161,11 +145,11 @@ class PeriodicSchedule(LengthSchedule):
             raise ValueError(f"kind must be one of {PERIODIC_KINDS}, got {kind!r}")
         super().__init__(round_to)
         self.kind = kind
-        self.l_max = _as_int("l_max", l_max, minimum=1)
-        self.l_min = _as_int("l_min", l_min, minimum=1)
+        self.l_max = as_int("l_max", l_max, minimum=1)
+        self.l_min = as_int("l_min", l_min, minimum=1)
         if self.l_min > self.l_max:
             raise ValueError(f"l_min must be <= l_max, got l_min={self.l_min} > l_max={self.l_max}")
-        self.period = _as_int("period", period, minimum=2)
+        self.period = as_int("period", period, minimum=2)
         # An odd period has no step at T/2: no step where the budget is l_min, and no end
         # of a compression half to checkpoint.
         if self.period % 2:
@@ -199,11 +183,11 @@ class PeriodicSchedule(LengthSchedule):
         return float(self.l_min)
 
     def phase(self, step: int) -> Phase:
-        step = _as_int("step", step, minimum=0)
+        step = as_int("step", step, minimum=0)
         return "compress" if 2 * (step % self.period) < self.period else "expand"
 
     def checkpoint_tag(self, step: int) -> CheckpointTag | None:
-        done = _as_int("step", step, minimum=0) + 1
+        done = as_int("step", step, minimum=0) + 1
         position = done % self.period
         if position == 0:
             return "high"
@@ -252,8 +236,8 @@ class StagedSchedule(LengthSchedule):
         for i, stage in enumerate(stages):
             if not isinstance(stage, Sequence) or isinstance(stage, (str, bytes)) or len(stage) != 2:
                 raise ValueError(f"stages[{i}] must be a (step, length) pair, got {stage!r}")
-            steps.append(_as_int(f"stages[{i}] step", stage[0], minimum=0))
-            lengths.append(_as_int(f"stages[{i}] length", stage[1], minimum=1))
+            steps.append(as_int(f"stages[{i}] step", stage[0], minimum=0))
+            lengths.append(as_int(f"stages[{i}] length", stage[1], minimum=1))
         if steps[0] != 0:
             raise ValueError(f"stages must start at step 0, got first step {steps[0]}")
         for i in range(1, len(steps)):
@@ -268,11 +252,11 @@ class StagedSchedule(LengthSchedule):
         return float(self.stage_lengths[bisect.bisect_right(self.stage_steps, step) - 1])
 
     def phase(self, step: int) -> Phase:
-        _as_int("step", step, minimum=0)
+        as_int("step", step, minimum=0)
         return "expand"
 
     def checkpoint_tag(self, step: int) -> CheckpointTag | None:
-        _as_int("step", step, minimum=0)
+        as_int("step", step, minimum=0)
         return None
 
     def max_budget(self) -> int:
@@ -353,7 +337,7 @@ def make_schedule(
         if length is not None and l_max is not None and length != l_max:
             raise ValueError(f"length and l_max disagree for kind 'constant': {length} vs {l_max}")
         value = length if length is not None else l_max
-        return StagedSchedule([(0, _as_int("length", value, minimum=1))], round_to=round_to, kind="constant")
+        return StagedSchedule([(0, as_int("length", value, minimum=1))], round_to=round_to, kind="constant")
     reject_unused("stages")
     if stages is None:
         raise ValueError("stages is required for kind 'staged'")

@@ -15,6 +15,7 @@ from kernel_cases import (
 
 from siri.kernels import policy_loss
 from siri.kernels.backends import BACKEND_NAMES, RowOutputs, _load
+from siri.kernels.reference import policy_loss_reference
 
 BACKENDS = [name for name in BACKEND_NAMES if _load(name) is not None and _load(name).supports_device(DEVICE)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -170,3 +171,24 @@ def test_backends_agree_at_qwen_vocabulary_in_bf16():
 
 def test_tolerance_table_covers_dtypes():
     assert set(ATOL) == set(DTYPES)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_exact_dual_clip_tie_splits_the_gradient(backend):
+    """With A < 0, dual_clip = 2 and a ratio of exactly 2, both arguments of the dual clip's
+    min are -2A: every backend passes half the gradient, as torch.minimum does."""
+    logits = torch.zeros(1, 4, device=DEVICE)  # logp = log(1/4) exactly
+    targets = torch.tensor([1], device=DEVICE)
+    old = torch.tensor([float(torch.log(torch.tensor(0.125)))], device=DEVICE)  # ratio = 2
+    advantages, weights = torch.tensor([-1.0], device=DEVICE), torch.ones(1, device=DEVICE)
+    grads = []
+    for b in ("torch", backend):
+        x = logits.clone().requires_grad_(True)
+        policy_loss(x, targets, advantages, weights, old_logprobs=old, dual_clip=2.0, backend=b).loss.backward()
+        grads.append(x.grad)
+    # The tie is exact in float32 only, so autograd of the float32 reference is the oracle.
+    x = logits.clone().requires_grad_(True)
+    policy_loss_reference(x, targets, advantages, weights, old, cfg=loss_config({"dual_clip": 2.0})).loss.backward()
+    assert x.grad.abs().sum() > 0, "a tie passes half the gradient, not none"
+    for grad in grads:
+        torch.testing.assert_close(grad, x.grad, atol=1e-6, rtol=1e-5)
