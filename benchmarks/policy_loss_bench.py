@@ -82,18 +82,22 @@ def methods(device: torch.device) -> dict:
 
 
 def _step(loss_fn, inplace, inputs):
-    """(setup, run) of one forward+backward; setup is untimed."""
+    """(setup, run) of one forward+backward; setup is untimed.
+
+    The gradient is taken with `torch.autograd.grad`, not accumulated into `.grad`: a leaf's
+    accumulation would copy a gradient that aliases a saved buffer (the in-place variant),
+    a cost an LM head's output, whose backward consumes the gradient, never pays.
+    """
     logits, *rest = inputs
     leaf = logits.clone().requires_grad_(True)
 
     def setup():
         if inplace:  # the logits are overwritten by their gradient: a fresh copy each time
             return logits.clone().requires_grad_(True)
-        leaf.grad = None
         return leaf
 
     def run(x):
-        loss_fn(x, *rest).backward()
+        torch.autograd.grad(loss_fn(x, *rest), x)
 
     return setup, run
 
