@@ -7,8 +7,9 @@ Methods, all measured in the same process:
 - compile: `torch.compile` of naive.
 
 Floor: three GEMMs (logits, grad of hidden, grad of weight), 6 * T * H * V flops over the
-bf16 (GPU) or float32 (CPU) matmul rate measured in this run. Memory: peak beyond inputs,
-outputs and gradients' own size, against the [T, V] logits the fused path never builds.
+bf16 (GPU) or float32 (CPU) matmul rate measured in this run. Memory: `peak_extra_mb` is
+the peak beyond the inputs, `overhead_mb` that less the gradients of hidden and weight
+(outputs every method must hold), also as a fraction of the [T, V] logits.
 """
 
 from __future__ import annotations
@@ -102,11 +103,12 @@ def measure(device: torch.device, quick: bool, copy_gbs: float) -> list[dict]:
             else:
                 spec = dict(method=name, num_rows=num_rows, hidden_size=hidden_size, vocab=vocab, dtype=dtype_name)
                 peak_mb = peak_rss_extra_mb_in_child("benchmarks.fused_linear_bench", spec)
-            extra_mb = max(0.0, peak_mb - grads_mb)
+            overhead_mb = max(0.0, peak_mb - grads_mb)
             rows.append(dict(
                 section="fused_linear", method=name, T=num_rows, H=hidden_size, V=vocab, dtype=dtype_name,
                 ms=round(ms, 2), tflops=round(flops / (ms * 1e-3) / 1e12, 2), floor_fraction=round(floor_ms / ms, 3),
-                peak_extra_mb=round(extra_mb, 1), extra_vs_logits=round(extra_mb / logits_mb, 4),
+                peak_extra_mb=round(peak_mb, 1), overhead_mb=round(overhead_mb, 1),
+                overhead_vs_logits=round(overhead_mb / logits_mb, 4),
                 matmul_tflops=round(rate, 2), logits_mb=round(logits_mb, 1),
             ))
         naive = next(r for r in rows if r["method"] == "naive" and r["T"] == num_rows and r["H"] == hidden_size)

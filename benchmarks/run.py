@@ -35,7 +35,7 @@ SECTIONS = {
     "packing": "benchmarks.packing_bench",
 }
 COLUMNS = ("method", "T", "V", "H", "dtype", "ms", "gbs", "tflops", "floor_fraction", "speedup_vs_eager",
-           "tokens_per_s", "speedup", "peak_extra_mb")
+           "tokens_per_s", "speedup", "peak_extra_mb", "overhead_mb", "extra_vs_naive")
 
 
 def device_name(device: torch.device) -> str:
