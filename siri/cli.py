@@ -1,7 +1,8 @@
-"""The `siri` command: `siri train`, `siri eval`.
+"""The `siri` command: `siri train`, `siri eval`, `siri demo`.
 
     siri train --config configs/siri-1.5b.yaml model.path=/models/r1-distill-1.5b output_dir=runs/a
     siri eval --model runs/a/checkpoints/step-0001599-low/policy --data aime24.jsonl --budget 8192 --k 16
+    siri demo --out demo-results [--quick]
 """
 
 from __future__ import annotations
@@ -34,6 +35,13 @@ def _eval(args) -> int:
     return 0
 
 
+def _demo(args) -> int:
+    from siri.demo.run import run_demo
+
+    run_demo(args.out, quick=args.quick)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="siri", description="RL for reasoning models under an interleaved length budget")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -62,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--out", help="folder for eval.json and accuracy_vs_length.png")
     ev.set_defaults(run=_eval)
+
+    demo = commands.add_parser("demo", help="SIRI end to end on a tiny model and a synthetic task, on a CPU "
+                                            "(about 15 minutes; nothing downloaded)")
+    demo.add_argument("--out", required=True, help="folder for results.json, curves.png, metrics and checkpoints")
+    demo.add_argument("--quick", action="store_true",
+                      help="tiny sizes: the same files in under a minute, too short to show the effect")
+    demo.set_defaults(run=_demo)
     return parser
 
 
