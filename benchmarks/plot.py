@@ -1,4 +1,4 @@
-"""Draw a results file of `benchmarks/run.py`: time and fraction of the floor per method.
+"""Draw a results file of `benchmarks/run.py`: time, and fraction of the floor (or tokens/s), per method.
 
     python benchmarks/plot.py benchmarks/results/<device>.json      # writes <device>.png beside it
 
@@ -15,7 +15,7 @@ import os
 
 
 def shape_label(row: dict) -> str:
-    parts = [f"T={row['T']}"] + [f"{k}={row[k]}" for k in ("V", "H") if k in row] + [row.get("dtype", "")]
+    parts = [f"{k}={row[k]}" for k in ("T", "V", "H") if k in row] + [row.get("dtype", "")]
     return " ".join(p for p in parts if p)
 
 
@@ -28,15 +28,20 @@ def plot(results: dict, path: str) -> None:
     sections = {name: rows for name, rows in results["sections"].items() if rows and "ms" in rows[0]}
     fig, axes = plt.subplots(len(sections), 2, figsize=(12, 3.2 * len(sections)), squeeze=False)
     for (name, rows), (ax_ms, ax_floor) in zip(sections.items(), axes):
-        shapes = sorted({shape_label(r) for r in rows}, key=lambda s: [int(x.split("=")[1]) if "=" in x and x.split("=")[1].isdigit() else 0 for x in s.split()])
+        order = {}
+        for row in sorted(rows, key=lambda r: (r.get("T", 0), r.get("H", 0), r.get("dtype", ""))):
+            order.setdefault(shape_label(row), None)
+        shapes = list(order)
         methods = list(dict.fromkeys(r["method"] for r in rows))
+        # Sections measured against a floor show the fraction of it; the others their rate.
+        second = "floor_fraction" if any(r.get("floor_fraction") for r in rows) else "tokens_per_s"
         width = 0.8 / len(methods)
         for i, method in enumerate(methods):
             by_shape = {shape_label(r): r for r in rows if r["method"] == method}
             xs = [j + i * width for j in range(len(shapes))]
             ax_ms.bar(xs, [by_shape.get(s, {}).get("ms", 0) for s in shapes], width, label=method)
-            ax_floor.bar(xs, [by_shape.get(s, {}).get("floor_fraction", 0) or 0 for s in shapes], width, label=method)
-        for ax, ylabel in ((ax_ms, "ms (median)"), (ax_floor, "fraction of the floor")):
+            ax_floor.bar(xs, [by_shape.get(s, {}).get(second, 0) or 0 for s in shapes], width, label=method)
+        for ax, ylabel in ((ax_ms, "ms (median)"), (ax_floor, second.replace("_", " "))):
             ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))], shapes, fontsize=7)
             ax.set_ylabel(ylabel)
             ax.set_title(name)
