@@ -126,6 +126,12 @@ def load_model(path: str, device: torch.device, dtype: str):
     return model, tokenizer
 
 
+def model_name(path: str) -> str:
+    """A checkpoint's `.../step-0001599-low/policy` is named by its checkpoint folder."""
+    parts = os.path.normpath(path).split(os.sep)
+    return parts[-2] if parts[-1] == "policy" and len(parts) > 1 else parts[-1]
+
+
 def run_eval(models: list[str], data_files: list[str], *, budget: int, k: int, out_dir: str | None,
              rollout_cfg: RolloutConfig, data_cfg: DataConfig, device: torch.device, dtype: str,
              seed: int = 0) -> list[EvalResult]:
@@ -140,9 +146,8 @@ def run_eval(models: list[str], data_files: list[str], *, budget: int, k: int, o
             raise ValueError(f"model {path!r} is not a directory")
         model, tokenizer = load_model(path, device, dtype)
         datasets = {os.path.splitext(os.path.basename(f))[0]: PromptDataset([f], tokenizer, data_cfg) for f in data_files}
-        name = os.path.basename(os.path.dirname(path.rstrip("/"))) if os.path.basename(path.rstrip("/")) == "policy" else os.path.basename(path.rstrip("/"))
         results.append(evaluate_model(model, tokenizer, datasets, budget=budget, k=k, rollout_cfg=rollout_cfg,
-                                      seed=seed, model_path=path, dtype=dtype, name=name))
+                                      seed=seed, model_path=path, dtype=dtype, name=model_name(path)))
         del model
     print(format_table(results))
     if out_dir:
