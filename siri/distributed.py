@@ -141,19 +141,34 @@ def weight_normaliser(samples, loss_agg: str, mask_truncated: bool) -> int:
     return len(counted)
 
 
-def globalise_weights(batches, samples, loss_agg: str, mask_truncated: bool, state: DistState):
-    """Rescale one rank's micro-batch weights from its local to the global normaliser, and
-    pad the list with zero-weight micro-batches up to the largest count of any rank."""
+def global_normaliser(samples, loss_agg: str, mask_truncated: bool, state: DistState) -> tuple[int, float]:
+    """This rank's loss normaliser of a mini-batch and its sum over all ranks (the same
+    number without torchrun)."""
+    local = weight_normaliser(samples, loss_agg, mask_truncated)
+    if not state.enabled:
+        return local, float(local)
+    return local, float(_all_reduce(torch.tensor([local], dtype=torch.float64), state, dist.ReduceOp.SUM)[0])
+
+
+def globalise_weights(batches, samples, local: int, total: float, state: DistState):
+    """Rescale one rank's micro-batch weights from its `local` to the `total` normaliser
+    (`global_normaliser`), then pad the list as `pad_micro_batches` does."""
     if not state.enabled:
         return batches
-    local = weight_normaliser(samples, loss_agg, mask_truncated)
-    total = float(_all_reduce(torch.tensor([local], dtype=torch.float64), state, dist.ReduceOp.SUM)[0])
-    most = int(max_value(len(batches), state))
     factor = local / total if total > 0 else 0.0
-    rescaled = [dataclasses.replace(b, weights=b.weights * factor) for b in batches]
-    while len(rescaled) < most:
-        rescaled.append(_zero_weight_batch(rescaled[-1] if rescaled else None, samples))
-    return rescaled
+    return pad_micro_batches([dataclasses.replace(b, weights=b.weights * factor) for b in batches], samples, state)
+
+
+def pad_micro_batches(batches, samples, state: DistState):
+    """Pad with zero-weight micro-batches up to the largest count of any rank: under FSDP
+    every rank must run as many forwards (and backwards) as the others."""
+    if not state.enabled:
+        return batches
+    most = int(max_value(len(batches), state))
+    padded = list(batches)
+    while len(padded) < most:
+        padded.append(_zero_weight_batch(padded[-1] if padded else None, samples))
+    return padded
 
 
 def _zero_weight_batch(template, samples):

@@ -214,9 +214,7 @@ class Trainer:
     def _score_logprobs(self, model, samples) -> list[list[float]]:
         """Per-sample log-probs of the responses under `model`, by a no-grad packed pass."""
         batches = self._pack(samples)
-        # Under FSDP every rank must run as many forwards as the others: pad, then drop.
-        padded = distributed.globalise_weights(batches, samples, self.cfg.algorithm.loss_agg,
-                                               self.cfg.reward.mask_truncated, self.dist)
+        padded = distributed.pad_micro_batches(batches, samples, self.dist)  # the padding is dropped below
         values = []
         for batch in padded:
             values.append(packed_logprobs(model, batch.to(self.device), temperature=self.cfg.rollout.temperature,
@@ -259,9 +257,15 @@ class Trainer:
             totals[name] = totals.get(name, 0.0) + value.detach()
 
         self.model.train()
+        steps = 0
         for part in parts:
-            batches = distributed.globalise_weights(self._pack(part), part, a.loss_agg, self.cfg.reward.mask_truncated,
-                                                    self.dist)
+            local, total = distributed.global_normaliser(part, a.loss_agg, self.cfg.reward.mask_truncated, self.dist)
+            if total == 0:
+                # Nothing scored on any rank (every sample masked or empty). AdamW on zero
+                # gradients would still move the weights (momentum, weight decay), so every
+                # rank skips this optimizer step together.
+                continue
+            batches = distributed.globalise_weights(self._pack(part), part, local, total, self.dist)
             for batch in batches:
                 batch = batch.to(self.device)
                 out = packed_policy_loss(
@@ -280,11 +284,12 @@ class Trainer:
             self.optimizer.step()
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
+            steps += 1
         # Weights are globally normalised, so sums over ranks are the mini-batch figures.
         values = distributed.sum_metrics({name: float(value) for name, value in totals.items()}, self.dist)
         weight = values.pop("weight", 0.0)
         metrics = {name: value / weight if weight > 0 else 0.0 for name, value in values.items() if name != "loss"}
-        metrics["loss"] = values.get("loss", 0.0) / max(len(parts), 1)
+        metrics["loss"] = values.get("loss", 0.0) / max(steps, 1)
         metrics["grad_norm"] = sum(grad_norms) / max(len(grad_norms), 1)
         return metrics
 

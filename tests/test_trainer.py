@@ -1,5 +1,6 @@
 """The trainer end to end on a tiny random model: steps, logs, checkpoints, exact resume."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -135,3 +136,27 @@ def test_eval_prints_a_table_and_draws_the_plot(tmp_path, capsys):
     saved = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert {r["model"] for r in saved} == {"m1", "m2"} and 0 <= saved[0]["datasets"]["arith"]["acc"] <= 1
     assert (tmp_path / "eval" / "accuracy_vs_length.png").stat().st_size > 0
+
+
+def test_a_mini_batch_with_nothing_scored_takes_no_optimizer_step(tmp_path):
+    """Every sample masked out (truncated, `reward.mask_truncated`): AdamW on the zero
+    gradients would still move the weights by weight decay, so no step may be taken."""
+    from siri.packing import Sample
+
+    cfg = load_config(None, tiny_overrides(tmp_path, **{"reward.mask_truncated": "true",
+                                                          "optim.weight_decay": 0.1}))
+    tokenizer = make_tokenizer()
+    trainer = Trainer(cfg, model=make_model(tokenizer), tokenizer=tokenizer, resume=False)
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    masked = [Sample(prompt_ids=[3, 4], response_ids=[5, 6, 7], advantage=1.0, truncated=True, group_id=g)
+              for g in (0, 0, 1)]
+    metrics = trainer._update(masked)
+    assert metrics["loss"] == 0.0
+    for name, p in trainer.model.named_parameters():
+        assert torch.equal(p, before[name]), name
+    assert trainer.optimizer.state_dict()["state"] == {}
+    assert trainer.lr_scheduler.last_epoch == 0
+
+    scored = [dataclasses.replace(s, truncated=False) for s in masked]
+    trainer._update(scored)
+    assert any(not torch.equal(p, before[name]) for name, p in trainer.model.named_parameters())
