@@ -17,7 +17,7 @@ and nvcc is found, a C++ CPU extension otherwise. Environment switches:
 import os
 import platform
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 CSRC = "csrc"
 
@@ -125,14 +125,14 @@ setup(
     version="0.1.0",
     description="RL for reasoning models under an interleaved length budget, with fused policy-loss kernels",
     python_requires=">=3.10",
-    packages=["siri", "siri.kernels"],
+    packages=[*find_packages(include=["siri", "siri.*"]), "siri.kernels"],
     package_dir={"siri": "siri", "siri.kernels": "kernels"},
     install_requires=["torch>=2.6", "numpy", "pyyaml", "transformers>=4.56", "math-verify>=0.9.0"],
     extras_require={
         "triton": ["triton>=3.2"],
-        "test": ["pytest>=8", "hypothesis>=6", "triton>=3.2", "matplotlib", "pyarrow", "tensorboard"],
+        "test": ["pytest>=8", "hypothesis>=6", "triton>=3.2", "matplotlib", "pyarrow", "tensorboard", "wandb"],
         "vllm": ["vllm>=0.10.2"],
-        "dev": ["pytest>=8", "hypothesis>=6", "triton>=3.2", "matplotlib", "pyarrow", "tensorboard", "ruff"],
+        "dev": ["pytest>=8", "hypothesis>=6", "triton>=3.2", "matplotlib", "pyarrow", "tensorboard", "wandb", "ruff"],
     },
     entry_points={"console_scripts": ["siri=siri.cli:main"]},
     ext_modules=ext_modules,

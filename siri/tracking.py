@@ -180,15 +180,16 @@ class Tracker:
         # resume="allow" continues a run only when given its id: keep the id beside the
         # metrics so a resumed training run logs into the same wandb run.
         id_path = os.path.join(self.output_dir, WANDB_ID_FILE)
+        run_id = None
         if os.path.exists(id_path):
             with open(id_path) as handle:
-                run_id = handle.read().strip()
-        else:
-            run_id = wandb.util.generate_id()
+                run_id = handle.read().strip() or None
+        run = wandb.init(project=self.cfg.wandb_project, config=run_config, resume="allow", id=run_id,
+                         dir=self.output_dir)
+        if run_id is None:
             with open(id_path, "w") as handle:
-                handle.write(run_id + "\n")
-        return wandb.init(project=self.cfg.wandb_project, config=run_config, resume="allow", id=run_id,
-                          dir=self.output_dir)
+                handle.write(run.id + "\n")
+        return run
 
     def _open_progress_bar(self):
         try:
