@@ -70,6 +70,21 @@ def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
+def _save_policy(model, tokenizer, path: str, state_dict) -> None:
+    """`save_pretrained` of the policy and its tokenizer, without transformers' per-shard
+    progress bar, which would break into the trainer's own bar at every checkpoint."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(path, state_dict=state_dict or None, safe_serialization=True)
+        tokenizer.save_pretrained(path)
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def _barrier() -> None:
     if _distributed():
         torch.distributed.barrier()
@@ -240,8 +255,7 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model, tokenize
     try:
         if is_main:
             policy = os.path.join(tmp, POLICY_DIR)
-            model.save_pretrained(policy, state_dict=model_state_dict or None, safe_serialization=True)
-            tokenizer.save_pretrained(policy)
+            _save_policy(model, tokenizer, policy, model_state_dict)
             _torch_save(lr_scheduler.state_dict(), os.path.join(tmp, LR_SCHEDULER))
             with open(os.path.join(tmp, TRAINER_STATE), "w") as handle:
                 handle.write(state_json)
