@@ -43,7 +43,8 @@ def _demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="siri", description="RL for reasoning models under an interleaved length budget")
+    parser = argparse.ArgumentParser(
+        prog="siri", description="RL for reasoning models under an interleaved length budget")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="run SIRI training from a YAML config")

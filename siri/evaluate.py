@@ -145,7 +145,8 @@ def run_eval(models: list[str], data_files: list[str], *, budget: int, k: int, o
         if not os.path.isdir(path):
             raise ValueError(f"model {path!r} is not a directory")
         model, tokenizer = load_model(path, device, dtype)
-        datasets = {os.path.splitext(os.path.basename(f))[0]: PromptDataset([f], tokenizer, data_cfg) for f in data_files}
+        datasets = {os.path.splitext(os.path.basename(f))[0]: PromptDataset([f], tokenizer, data_cfg)
+                    for f in data_files}
         results.append(evaluate_model(model, tokenizer, datasets, budget=budget, k=k, rollout_cfg=rollout_cfg,
                                       seed=seed, model_path=path, dtype=dtype, name=model_name(path)))
         del model

@@ -196,7 +196,8 @@ def _as_array(name: str, value, *, integer: bool) -> np.ndarray:
         if (array < 0).any():
             raise ValueError(f"{name} holds negative token ids (first at {int(np.argmax(array < 0))})")
         return array.astype(np.int64, copy=False)
-    if array.dtype == np.bool_ or not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+    numeric = np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)
+    if array.dtype == np.bool_ or not numeric:
         raise ValueError(f"{name} must hold real numbers, got dtype {array.dtype}")
     array = array.astype(np.float64, copy=False)
     if not np.isfinite(array).all():

@@ -111,7 +111,9 @@ class Trainer:
             self.ref_model = distributed.shard(self.ref_model, self.dist)
 
         self.schedule = build_schedule(cfg)
-        self.dataset = train_problems if train_problems is not None else PromptDataset(cfg.data.train_files, tokenizer, cfg.data)
+        if train_problems is None:
+            train_problems = PromptDataset(cfg.data.train_files, tokenizer, cfg.data)
+        self.dataset = train_problems
         if len(self.dataset) == 0:
             raise ValueError("data.train_files hold no usable problem")
         self.cursor = DataCursor(len(self.dataset), seed=cfg.seed, shuffle=cfg.data.shuffle)

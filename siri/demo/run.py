@@ -154,7 +154,9 @@ def run_demo(out_dir: str | os.PathLike, quick: bool = False, *, demo: DemoConfi
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     started = time.perf_counter()
-    clock = lambda: f"[{time.perf_counter() - started:6.0f}s]"
+
+    def clock() -> str:
+        return f"[{time.perf_counter() - started:6.0f}s]"
 
     log(f"{clock()} stage 1: supervised warm-up, {demo.sft.steps} steps")
     base_dir = os.path.join(out_dir, "base")

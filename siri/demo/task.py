@@ -218,8 +218,9 @@ def all_problems(tokenizer, cfg: TaskConfig = TaskConfig(), *, split: str = "tes
             prompt = _prompt(list(terms))
             if cfg.hold_out and _split_of(prompt) != split:
                 continue
-            problems.append(Problem(index=len(problems), prompt_ids=tokenizer(prompt, add_special_tokens=False)["input_ids"],
-                                    prompt_text=prompt, answer=str(sum(terms)), source=source))
+            prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            problems.append(Problem(index=len(problems), prompt_ids=prompt_ids, prompt_text=prompt,
+                                    answer=str(sum(terms)), source=source))
     return DemoDataset(problems)
 
 
