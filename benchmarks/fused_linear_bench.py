@@ -40,7 +40,9 @@ def make_inputs(num_rows, hidden_size, vocab, dtype, device, seed=0):
     targets = torch.randint(0, vocab, (num_rows,), generator=gen, device=device)
     advantages = torch.randn(num_rows, generator=gen, device=device)
     weights = torch.full((num_rows,), 1.0 / num_rows, device=device)
-    old = -torch.log(torch.tensor(float(vocab), device=device)) + 0.3 * torch.randn(num_rows, generator=gen, device=device)
+    old = -torch.log(torch.tensor(float(vocab), device=device)) + 0.3 * torch.randn(
+        num_rows, generator=gen, device=device
+    )
     return hidden, weight, targets, advantages, weights, old
 
 

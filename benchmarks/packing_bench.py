@@ -83,7 +83,8 @@ def make_samples(cfg: dict, seed: int = 0) -> list[Sample]:
         response_len = int(min(budget, max(1, round(rng.lognormal(np.log(budget / 6), 1.0)))))
         samples.append(Sample(
             prompt_ids=rng.integers(0, vocab, prompt_len), response_ids=rng.integers(0, vocab, response_len),
-            advantage=float(rng.standard_normal()), old_logprobs=np.log(1 / vocab) + 0.1 * rng.standard_normal(response_len),
+            advantage=float(rng.standard_normal()),
+            old_logprobs=np.log(1 / vocab) + 0.1 * rng.standard_normal(response_len),
             truncated=response_len == budget,
         ))
     return samples

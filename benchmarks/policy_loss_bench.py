@@ -31,7 +31,9 @@ GRPO = LossConfig(clip_low=0.2, clip_high=0.28)
 
 def shapes(device: torch.device, quick: bool) -> list[tuple[int, int, str]]:
     if device.type == "cuda":
-        return [(4096, 151_936, "bfloat16"), (16_384, 151_936, "bfloat16")] + ([] if quick else [(32_768, 151_936, "bfloat16")])
+        return [(4096, 151_936, "bfloat16"), (16_384, 151_936, "bfloat16")] + (
+            [] if quick else [(32_768, 151_936, "bfloat16")]
+        )
     sizes = [(2048, 32_000, "float32"), (2048, 32_000, "bfloat16")]
     return sizes[:1] if quick else sizes
 
@@ -70,10 +72,17 @@ def methods(device: torch.device) -> dict:
         # Triton on a CPU only runs in the interpreter: a correctness tool, not a contender.
         if backend is None or not backend.supports_device(device) or (name == "triton" and device.type != "cuda"):
             continue
-        found[f"siri-{name}"] = (lambda b: lambda *a: policy_loss(*a[:4], old_logprobs=a[4], backend=b).loss)(name), False
+        found[f"siri-{name}"] = (
+            (lambda b: lambda *a: policy_loss(*a[:4], old_logprobs=a[4], backend=b).loss)(name),
+            False,
+        )
         if name != "torch":
             found[f"siri-{name}-inplace"] = (
-                (lambda b: lambda *a: policy_loss(*a[:4], old_logprobs=a[4], inplace_backward=True, backend=b).loss)(name),
+                (
+                    lambda b: lambda *a: policy_loss(
+                        *a[:4], old_logprobs=a[4], inplace_backward=True, backend=b
+                    ).loss
+                )(name),
                 True,
             )
     found["eager"] = eager_loss, False

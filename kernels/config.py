@@ -32,7 +32,9 @@ def check_temperature(temperature) -> None:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
 
 
-def check_loss_settings(temperature, clip_low, clip_high, dual_clip, kl_coef, kl_estimator, entropy_coef, tis_cap) -> None:
+def check_loss_settings(
+    temperature, clip_low, clip_high, dual_clip, kl_coef, kl_estimator, entropy_coef, tis_cap
+) -> None:
     """ValueError naming the first setting out of its domain. Reads Python scalars only."""
     check_temperature(temperature)
     if not 0 <= _require_finite("clip_low", clip_low) < 1:

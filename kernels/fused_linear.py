@@ -95,7 +95,11 @@ def _fused_linear_policy_loss_op(hidden, weight, bias, targets, advantages, weig
     any_grad = grad_hidden or grad_weight
     hidden_grad = torch.empty_like(hidden) if grad_hidden else hidden.new_empty(0)
     weight_grad = torch.zeros_like(weight) if grad_weight else weight.new_empty(0)
-    bias_grad = torch.zeros(vocab, dtype=torch.float32, device=hidden.device) if grad_weight and bias is not None else hidden.new_empty(0)
+    bias_grad = (
+        torch.zeros(vocab, dtype=torch.float32, device=hidden.device)
+        if grad_weight and bias is not None
+        else hidden.new_empty(0)
+    )
     pick = lambda t, rows: None if t is None else t[rows]  # noqa: E731
     for rows in _chunks(num_rows, chunk_size):
         hidden_chunk = hidden[rows]
@@ -138,14 +142,19 @@ def _fused_linear_token_logprobs_op(hidden, weight, bias, targets, temperature, 
     lse = hidden.new_empty(num_rows, dtype=torch.float32)
     for rows in _chunks(num_rows, chunk_size):
         logits = _chunk_logits(hidden[rows], weight, bias)
-        impl.logprob_rows(logits, targets[rows], temperature, logprobs[rows], entropy[rows] if with_entropy else None, lse[rows])
+        impl.logprob_rows(
+            logits, targets[rows], temperature, logprobs[rows], entropy[rows] if with_entropy else None, lse[rows]
+        )
     return logprobs, entropy
 
 
 @torch.library.register_fake("siri::fused_linear_token_logprobs")
 def _(hidden, weight, bias, targets, temperature, with_entropy, backend, chunk_size):
     num_rows = hidden.shape[0]
-    return hidden.new_empty(num_rows, dtype=torch.float32), hidden.new_empty(num_rows if with_entropy else 0, dtype=torch.float32)
+    return (
+        hidden.new_empty(num_rows, dtype=torch.float32),
+        hidden.new_empty(num_rows if with_entropy else 0, dtype=torch.float32),
+    )
 
 
 class _FusedLinearPolicyLoss(torch.autograd.Function):
@@ -186,7 +195,9 @@ def _check_linear(hidden, weight, bias) -> None:
     if weight.device != hidden.device:
         raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
     if weight.shape[1] != hidden.shape[1]:
-        raise ValueError(f"weight must be [V, H] with H = {hidden.shape[1]} (hidden's last dimension), got {list(weight.shape)}")
+        raise ValueError(
+            f"weight must be [V, H] with H = {hidden.shape[1]} (hidden's last dimension), got {list(weight.shape)}"
+        )
     if weight.shape[0] == 0:
         raise ValueError("weight must have at least one row (V >= 1)")
     if bias is not None:

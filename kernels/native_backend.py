@@ -32,7 +32,9 @@ def _load_extension():
 _C = _load_extension()
 
 
-def policy_loss_rows(logits, targets, advantages, weights, old, ref, rollout, cfg: LossConfig, out: RowOutputs, grad_logits):
+def policy_loss_rows(
+    logits, targets, advantages, weights, old, ref, rollout, cfg: LossConfig, out: RowOutputs, grad_logits
+):
     _C.policy_loss_rows(
         logits, targets, advantages, weights, old, ref, rollout,
         cfg.temperature, cfg.clip_low, cfg.clip_high, cfg.dual_clip, cfg.kl_coef, cfg.kl_estimator_id,

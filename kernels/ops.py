@@ -28,10 +28,14 @@ _POLICY_ARGS = (
 )
 _ROWS = "Tensor, Tensor, Tensor, Tensor, Tensor"
 
-torch.library.define("siri::policy_loss_rows", f"(Tensor logits, {_POLICY_ARGS}, bool compute_grad) -> ({_ROWS}, Tensor)")
+torch.library.define(
+    "siri::policy_loss_rows", f"(Tensor logits, {_POLICY_ARGS}, bool compute_grad) -> ({_ROWS}, Tensor)"
+)
 torch.library.define("siri::policy_loss_rows_inplace", f"(Tensor(a!) logits, {_POLICY_ARGS}) -> ({_ROWS})")
 torch.library.define(
-    "siri::token_logprobs", "(Tensor logits, Tensor targets, float temperature, bool with_entropy, str backend) -> (Tensor, Tensor, Tensor)"
+    "siri::token_logprobs",
+    "(Tensor logits, Tensor targets, float temperature, bool with_entropy, str backend)"
+    " -> (Tensor, Tensor, Tensor)",
 )
 torch.library.define(
     "siri::token_logprobs_backward",
@@ -114,7 +118,9 @@ def _(logits, targets, temperature, with_entropy, backend):
 
 
 @torch.library.impl("siri::token_logprobs_backward", "default")
-def _token_logprobs_backward_op(logits, targets, lse, logprobs, entropy, grad_logprobs, grad_entropy, temperature, backend):
+def _token_logprobs_backward_op(
+    logits, targets, lse, logprobs, entropy, grad_logprobs, grad_entropy, temperature, backend
+):
     impl = resolve_backend(backend, logits.device)
     if logits.stride(1) != 1:
         logits = logits.contiguous()

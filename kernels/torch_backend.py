@@ -31,7 +31,9 @@ def _pick(tensor, rows):
     return None if tensor is None else tensor[rows]
 
 
-def policy_loss_rows(logits, targets, advantages, weights, old, ref, rollout, cfg: LossConfig, out: RowOutputs, grad_logits):
+def policy_loss_rows(
+    logits, targets, advantages, weights, old, ref, rollout, cfg: LossConfig, out: RowOutputs, grad_logits
+):
     for rows in _row_blocks(logits.shape[0], logits.shape[1]):
         block = logits[rows].float()
         result = policy_loss_reference(

@@ -41,7 +41,9 @@ def _or(tensor, fallback):
     return fallback if tensor is None else tensor
 
 
-def policy_loss_rows(logits, targets, advantages, weights, old, ref, rollout, cfg: LossConfig, out: RowOutputs, grad_logits):
+def policy_loss_rows(
+    logits, targets, advantages, weights, old, ref, rollout, cfg: LossConfig, out: RowOutputs, grad_logits
+):
     num_rows, vocab = logits.shape
     if num_rows == 0:
         return

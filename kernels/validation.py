@@ -59,7 +59,18 @@ def check_per_token(name: str, value, device: torch.device, num_rows: int, *, op
         raise ValueError(f"{name} must be a floating-point tensor, got {value.dtype}")
 
 
-def check_policy_structure(logits, targets, advantages, weights, old_logprobs, ref_logprobs, rollout_logprobs, tis_cap, inplace_backward, logits_name="logits") -> None:
+def check_policy_structure(
+    logits,
+    targets,
+    advantages,
+    weights,
+    old_logprobs,
+    ref_logprobs,
+    rollout_logprobs,
+    tis_cap,
+    inplace_backward,
+    logits_name="logits",
+) -> None:
     check_logits(logits_name, logits)
     device, num_rows = logits.device, logits.shape[0]
     check_targets(targets, device, num_rows)
@@ -73,7 +84,9 @@ def check_policy_structure(logits, targets, advantages, weights, old_logprobs, r
     if not isinstance(inplace_backward, bool):
         raise ValueError(f"inplace_backward must be a bool, got {inplace_backward!r}")
     if inplace_backward and logits.stride(1) != 1:
-        raise ValueError("inplace_backward=True needs logits with unit stride along V (the gradient is written into them)")
+        raise ValueError(
+            "inplace_backward=True needs logits with unit stride along V (the gradient is written into them)"
+        )
 
 
 def _raise_first(failures: list[bool], messages: list[str]) -> None:

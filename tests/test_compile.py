@@ -22,7 +22,9 @@ def loss_step(logits, targets, advantages, weights, old_logprobs, ref_logprobs):
 @pytest.mark.parametrize("compiler", COMPILERS)
 def test_policy_loss_compiles_without_graph_break(compiler):
     torch._dynamo.reset()
-    logits, targets, advantages, weights, kw = make_case(16, 97, torch.float32, dict(old=True, ref=True), seed=0, device=DEVICE)
+    logits, targets, advantages, weights, kw = make_case(
+        16, 97, torch.float32, dict(old=True, ref=True), seed=0, device=DEVICE
+    )
     old, ref = kw["old_logprobs"], kw["ref_logprobs"]
     compiled = torch.compile(loss_step, fullgraph=True, backend=compiler)
     x_eager, x_compiled = (logits.clone().requires_grad_(True) for _ in range(2))
@@ -69,7 +71,9 @@ def _policy_args(logits, targets, advantages, weights, kw):
 
 
 def test_opcheck_every_op():
-    logits, targets, advantages, weights, kw = make_case(6, 40, torch.float32, OPTION_SETS["everything"], seed=2, device=DEVICE)
+    logits, targets, advantages, weights, kw = make_case(
+        6, 40, torch.float32, OPTION_SETS["everything"], seed=2, device=DEVICE
+    )
     args = _policy_args(logits, targets, advantages, weights, kw)
     torch.library.opcheck(torch.ops.siri.policy_loss_rows.default, (logits, *args, True))
     torch.library.opcheck(torch.ops.siri.policy_loss_rows.default, (logits, *args, False))

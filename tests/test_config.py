@@ -7,7 +7,9 @@ from siri.config import load_config, parse_overrides
 
 def test_defaults_are_the_papers_setting():
     cfg = load_config(None)
-    assert (cfg.schedule.kind, cfg.schedule.l_max, cfg.schedule.l_min, cfg.schedule.period) == ("cosine", 16384, 8192, 640)
+    assert (cfg.schedule.kind, cfg.schedule.l_max, cfg.schedule.l_min, cfg.schedule.period) == (
+        "cosine", 16384, 8192, 640,
+    )
     assert (cfg.algorithm.clip_low, cfg.algorithm.clip_high, cfg.algorithm.kl_coef) == (0.2, 0.28, 0.0)
     assert (cfg.prompts_per_step, cfg.optim.lr, cfg.rollout.temperature) == (128, 1e-6, 1.0)
 

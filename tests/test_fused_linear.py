@@ -74,12 +74,17 @@ def test_every_option_matches_logits_path(backend, options):
 )
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_odd_shapes_and_chunks(backend, num_rows, hidden_size, vocab, chunk_size):
-    check(backend, num_rows, hidden_size, vocab, OPTION_SETS["everything"], chunk_size=chunk_size, with_bias=True, seed=num_rows)
+    check(
+        backend, num_rows, hidden_size, vocab, OPTION_SETS["everything"],
+        chunk_size=chunk_size, with_bias=True, seed=num_rows,
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bfloat16(backend):
-    check(backend, 24, 32, 300, OPTION_SETS["old-logprobs"], chunk_size=8, with_bias=False, seed=3, dtype=torch.bfloat16)
+    check(
+        backend, 24, 32, 300, OPTION_SETS["old-logprobs"], chunk_size=8, with_bias=False, seed=3, dtype=torch.bfloat16
+    )
 
 
 def test_frozen_head_gets_no_weight_gradient():
@@ -96,7 +101,9 @@ def test_incoming_gradient_scales_every_gradient():
     results = []
     for scale in (1.0, 3.0):
         leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
-        (fused_linear_policy_loss(leaves[0], leaves[1], targets, advantages, weights, bias=leaves[2]).loss * scale).backward()
+        (
+            fused_linear_policy_loss(leaves[0], leaves[1], targets, advantages, weights, bias=leaves[2]).loss * scale
+        ).backward()
         results.append([leaf.grad for leaf in leaves])
     for one, three in zip(*results):
         torch.testing.assert_close(three, 3 * one)

@@ -25,7 +25,8 @@ def make_samples():
     for i, (prompt, response) in enumerate([(5, 9), (3, 1), (4, 12), (6, 7), (2, 5)]):
         ids = torch.randint(0, 97, (prompt + response,), generator=gen).tolist()
         samples.append(Sample(prompt_ids=ids[:prompt], response_ids=ids[prompt:], advantage=float(i % 3 - 1),
-                              old_logprobs=(-4.6 + 0.3 * torch.randn(response, generator=gen)).tolist(), group_id=i // 2))
+                              old_logprobs=(-4.6 + 0.3 * torch.randn(response, generator=gen)).tolist(),
+                              group_id=i // 2))
     return samples
 
 

@@ -146,7 +146,9 @@ def test_policy_loss_gradient_in_place(dtype, vocab):
     _, torch_grad = _reference(inputs, cfg, logits.float())
     separate = torch.full(logits.shape, float("nan"), dtype=dtype)
     out_separate, out_in_place = _poisoned_rows(23), _poisoned_rows(23)
-    args = (inputs["targets"], inputs["advantages"], inputs["weights"], inputs["old"], inputs["ref"], inputs["rollout"], cfg)
+    args = (
+        inputs["targets"], inputs["advantages"], inputs["weights"], inputs["old"], inputs["ref"], inputs["rollout"], cfg
+    )
     native_backend.policy_loss_rows(logits, *args, out_separate, separate)
     native_backend.policy_loss_rows(logits, *args, out_in_place, logits)
     assert torch.equal(logits, separate)

@@ -78,7 +78,9 @@ def test_int32_targets(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_weight_zero_rows_give_zero_rows(backend):
-    logits, targets, advantages, weights, kw = make_case(40, 257, torch.float32, OPTION_SETS["everything"], seed=3, device=DEVICE)
+    logits, targets, advantages, weights, kw = make_case(
+        40, 257, torch.float32, OPTION_SETS["everything"], seed=3, device=DEVICE
+    )
     x = logits.clone().requires_grad_(True)
     out = policy_loss(x, targets, advantages, weights, backend=backend, **kw)
     out.loss.backward()
@@ -91,7 +93,9 @@ def test_weight_zero_rows_give_zero_rows(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_backend_fills_poisoned_outputs(backend):
     """Every output element is written, whatever the buffers held before."""
-    logits, targets, advantages, weights, kw = make_case(29, 515, torch.bfloat16, OPTION_SETS["everything"], seed=4, device=DEVICE)
+    logits, targets, advantages, weights, kw = make_case(
+        29, 515, torch.bfloat16, OPTION_SETS["everything"], seed=4, device=DEVICE
+    )
     oracle, oracle_grad = reference_outputs(logits, targets, advantages, weights, kw, torch.float64)
     out = RowOutputs(*(torch.full((29,), float("nan"), device=DEVICE) for _ in range(5)))
     grad = torch.full_like(logits, float("nan"))
@@ -110,7 +114,9 @@ def test_backend_fills_poisoned_outputs(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_backward_scales_by_incoming_gradient(backend):
-    logits, targets, advantages, weights, kw = make_case(13, 300, torch.float32, OPTION_SETS["kl-k3"], seed=8, device=DEVICE)
+    logits, targets, advantages, weights, kw = make_case(
+        13, 300, torch.float32, OPTION_SETS["kl-k3"], seed=8, device=DEVICE
+    )
     grads = []
     for scale in (1.0, -2.5):
         x = logits.clone().requires_grad_(True)
@@ -131,7 +137,9 @@ def test_no_gradient_work_without_grad(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_metrics_are_weighted_means(backend):
-    logits, targets, advantages, weights, kw = make_case(64, 129, torch.float32, OPTION_SETS["everything"], seed=6, device=DEVICE)
+    logits, targets, advantages, weights, kw = make_case(
+        64, 129, torch.float32, OPTION_SETS["everything"], seed=6, device=DEVICE
+    )
     out = policy_loss(logits, targets, advantages, weights, backend=backend, **kw)
     oracle, _ = reference_outputs(logits, targets, advantages, weights, kw, torch.float64)
     w = weights.double()
@@ -150,7 +158,9 @@ def test_metrics_are_weighted_means(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_strided_rows(backend):
     """Rows of a wider buffer (a row stride larger than V) are read in place."""
-    logits, targets, advantages, weights, kw = make_case(7, 150, torch.float32, OPTION_SETS["entropy"], seed=1, device=DEVICE)
+    logits, targets, advantages, weights, kw = make_case(
+        7, 150, torch.float32, OPTION_SETS["entropy"], seed=1, device=DEVICE
+    )
     wide = torch.randn(7, 180, device=DEVICE)
     wide[:, :150] = logits
     view = wide[:, :150]
@@ -162,7 +172,9 @@ def test_strided_rows(backend):
 
 def test_backends_agree_at_qwen_vocabulary_in_bf16():
     """All backends on the contract's headline shape agree with each other to bf16 rounding."""
-    logits, targets, advantages, weights, kw = make_case(4, 151_936, torch.bfloat16, OPTION_SETS["old-logprobs"], seed=12, device=DEVICE)
+    logits, targets, advantages, weights, kw = make_case(
+        4, 151_936, torch.bfloat16, OPTION_SETS["old-logprobs"], seed=12, device=DEVICE
+    )
     losses = {b: policy_loss(logits, targets, advantages, weights, backend=b, **kw).loss.item() for b in BACKENDS}
     reference = losses["torch"]
     for name, value in losses.items():
