@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from siri.kernels.config import LossConfig
@@ -86,7 +88,32 @@ def max_error(actual, expected) -> float:
     return (actual.double() - expected.double()).abs().max().item()
 
 
-def assert_close_to_oracle(name, actual, oracle, pytorch, dtype):
-    """|actual - oracle| <= 2 |pytorch - oracle| + ATOL[dtype], elementwise maximum."""
-    err, budget = max_error(actual, oracle), 2 * max_error(pytorch, oracle) + ATOL[dtype]
+def interpreter_truncates_bf16(backend: str) -> bool:
+    """Whether `backend`'s bfloat16 stores are cast by truncation here.
+
+    The Triton interpreter casts float32 to bfloat16 by dropping the low 16 bits (toward
+    zero, whatever rounding mode the kernel asks for), where GPUs round to nearest even.
+    Under it a Triton kernel's bfloat16 output can sit one unit in the last place from the
+    correctly rounded value, an error no GPU run shows.
+    """
+    return backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def bf16_ulp(values: torch.Tensor) -> torch.Tensor:
+    """The spacing of bfloat16 numbers at each |value| (8 significant bits); 0 at 0."""
+    _, exponent = torch.frexp(values.double().abs())  # |v| = m * 2**e, m in [0.5, 1)
+    return torch.where(values == 0, 0.0, torch.ldexp(torch.ones_like(values, dtype=torch.float64), exponent - 8))
+
+
+def assert_close_to_oracle(name, actual, oracle, pytorch, dtype, *, truncated_bf16=False):
+    """|actual - oracle| <= 2 |pytorch - oracle| + ATOL[dtype], elementwise maximum.
+
+    `truncated_bf16` (see `interpreter_truncates_bf16`) lets each bfloat16 element of
+    `actual` be off by one more unit in the last place of its oracle value.
+    """
+    error = (actual.double() - oracle.double()).abs()
+    if truncated_bf16 and actual.dtype == torch.bfloat16:
+        error = (error - bf16_ulp(oracle)).clamp_min(0)
+    err = error.max().item() if error.numel() else 0.0
+    budget = 2 * max_error(pytorch, oracle) + ATOL[dtype]
     assert err <= budget, f"{name}: max error {err:.3g} > allowed {budget:.3g}"

@@ -1,5 +1,7 @@
 """policy_loss on every backend against the float64 reference (kernel_cases.py)."""
 
+import zlib
+
 import pytest
 import torch
 from conftest import DEVICE
@@ -7,6 +9,7 @@ from kernel_cases import (
     ATOL,
     OPTION_SETS,
     assert_close_to_oracle,
+    interpreter_truncates_bf16,
     loss_config,
     make_case,
     max_error,
@@ -35,7 +38,8 @@ def run_and_check(backend, num_rows, vocab, dtype, options, seed, *, inplace=Fal
     out.loss.backward()
     for name in ("loss", "logprobs", "entropy"):
         assert_close_to_oracle(name, getattr(out, name), getattr(oracle, name), getattr(eager, name), dtype)
-    assert_close_to_oracle("grad", x.grad, oracle_grad, eager_grad, dtype)
+    assert_close_to_oracle("grad", x.grad, oracle_grad, eager_grad, dtype,
+                           truncated_bf16=interpreter_truncates_bf16(backend))
     assert x.grad.dtype == dtype
     assert out.logprobs.dtype == out.entropy.dtype == torch.float32
     return out, oracle, weights
@@ -46,7 +50,9 @@ def run_and_check(backend, num_rows, vocab, dtype, options, seed, *, inplace=Fal
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_every_option_matches_reference(backend, dtype, options):
     # V = 4099 is prime: no tile divides it, so every kernel handles a ragged tail.
-    run_and_check(backend, 37, 4099, dtype, OPTION_SETS[options], seed=hash((backend, options)) % 1000)
+    # A seed per case that is the same in every process (str hashes are salted per process).
+    seed = zlib.crc32(f"{backend}-{options}".encode()) % 1000
+    run_and_check(backend, 37, 4099, dtype, OPTION_SETS[options], seed=seed)
 
 
 @pytest.mark.parametrize(
