@@ -95,9 +95,14 @@ def _drop_steps_from(path: str, start_step: int) -> None:
                 kept.append(line if line.endswith("\n") else line + "\n")
     if dropped_torn:
         warnings.warn(f"{path}: dropped {dropped_torn} unreadable line(s) left by an interrupted run", stacklevel=3)
+    _write_atomically(path, "".join(kept))
+
+
+def _write_atomically(path: str, text: str) -> None:
+    """Replace `path` by `text` so that a kill at any point leaves the old file or the new one."""
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as handle:
-        handle.writelines(kept)
+        handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
@@ -182,13 +187,12 @@ class Tracker:
         id_path = os.path.join(self.output_dir, WANDB_ID_FILE)
         run_id = None
         if os.path.exists(id_path):
-            with open(id_path) as handle:
+            with open(id_path, encoding="utf-8") as handle:
                 run_id = handle.read().strip() or None
         run = wandb.init(project=self.cfg.wandb_project, config=run_config, resume="allow", id=run_id,
                          dir=self.output_dir)
-        if run_id is None:
-            with open(id_path, "w") as handle:
-                handle.write(run.id + "\n")
+        if run_id is None:  # a kill mid-write must not leave an empty id, which would start a new run
+            _write_atomically(id_path, run.id + "\n")
         return run
 
     def _open_progress_bar(self):

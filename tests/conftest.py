@@ -13,6 +13,18 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+try:
+    from hypothesis import settings as hypothesis_settings
+except ImportError:  # the property tests importorskip it
+    hypothesis_settings = None
+
+if hypothesis_settings is not None:
+    # The property tests draw the same examples on every run, so CI cannot go red by chance;
+    # HYPOTHESIS_PROFILE=explore draws fresh ones on each run to hunt for new failures.
+    hypothesis_settings.register_profile("ci", derandomize=True, deadline=None)
+    hypothesis_settings.register_profile("explore", derandomize=False, deadline=None)
+    hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
