@@ -84,9 +84,15 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     return ref
 
 
-def _decoder_layers(model: torch.nn.Module):
-    body = model.get_decoder() if hasattr(model, "get_decoder") else model
-    return getattr(body, "layers", [])
+def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The blocks FSDP2 shards one by one: the modules whose class transformers lists in
+    `_no_split_modules` (Qwen2DecoderLayer, ...), as verl's and accelerate's wrap policies do."""
+    block_classes = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [module for module in model.modules() if type(module).__name__ in block_classes]
+    if not layers:
+        raise ValueError(f"model: {type(model).__name__} names no decoder layer class in _no_split_modules, "
+                         "so FSDP2 cannot shard it layer by layer")
+    return layers
 
 
 def shard(model: torch.nn.Module, state: DistState) -> torch.nn.Module:
@@ -99,10 +105,6 @@ def shard(model: torch.nn.Module, state: DistState) -> torch.nn.Module:
         fully_shard(layer)
     fully_shard(model)
     return model
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model  # FSDP2 shards in place: the module keeps its class and save_pretrained
 
 
 def full_state_dict(model: torch.nn.Module, state: DistState) -> dict | None:

@@ -34,7 +34,10 @@ from siri.kernels import (
 )
 from siri.packing import PackedBatch
 
-__all__ = ["lm_head_logits", "lm_head_policy_loss", "packed_hidden_states", "packed_logprobs", "packed_policy_loss"]
+__all__ = [
+    "decoder_body", "lm_head_logits", "lm_head_policy_loss", "packed_hidden_states", "packed_logprobs",
+    "packed_policy_loss",
+]
 
 # Filled from the batch by `packed_policy_loss`; a caller passing them would be ambiguous.
 _BATCH_LOSS_FIELDS = ("targets", "advantages", "weights", "old_logprobs", "ref_logprobs", "rollout_logprobs")
@@ -43,6 +46,25 @@ _BATCH_LOSS_FIELDS = ("targets", "advantages", "weights", "old_logprobs", "ref_l
 def _check_batch(batch) -> None:
     if not isinstance(batch, PackedBatch):
         raise ValueError(f"batch must be a siri.packing.PackedBatch, got {type(batch).__name__}")
+
+
+def decoder_body(model) -> torch.nn.Module:
+    """The body of a transformers causal LM: the module whose output is the final-norm
+    hidden states (`Qwen2Model` inside `Qwen2ForCausalLM`).
+
+    `get_decoder()` is the newer API; transformers 4.x's generic one returns None for
+    models whose body has no `decoder` or `model` attribute (Qwen2, Llama), where
+    `base_model` (the attribute named by `base_model_prefix`) is the body.
+    """
+    if not hasattr(model, "get_decoder"):
+        raise ValueError(f"model: {type(model).__name__} is not a transformers PreTrainedModel (no get_decoder)")
+    body = model.get_decoder()
+    if body is None:
+        body = getattr(model, "base_model", None)
+    if body is None or body is model:
+        raise ValueError(f"model: cannot find the decoder body of {type(model).__name__} "
+                         "(get_decoder() and base_model give none)")
+    return body
 
 
 def _lm_head(model) -> torch.nn.Module:
@@ -60,17 +82,16 @@ def packed_hidden_states(model, batch: PackedBatch) -> torch.Tensor:
     that wrappers around it (FSDP2 gathers the root's embeddings, norm and head in the
     root's forward) see a normal call, but with `logits_to_keep` an empty index: the head
     scores no position there. The body's output (after the final norm) is taken by a hook
-    on `model.get_decoder()`. `batch` must be on the model's device.
+    on the body (`decoder_body`). `batch` must be on the model's device.
     """
     _check_batch(batch)
-    if not hasattr(model, "get_decoder"):
-        raise ValueError(f"model: {type(model).__name__} is not a transformers PreTrainedModel (no get_decoder)")
+    body = decoder_body(model)
     captured = {}
 
     def keep_output(module, args, output):
         captured["hidden"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
 
-    handle = model.get_decoder().register_forward_hook(keep_output)
+    handle = body.register_forward_hook(keep_output)
     try:
         nothing = batch.logit_index[:0]
         model(**batch.model_inputs(), logits_to_keep=nothing)

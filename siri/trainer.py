@@ -142,7 +142,7 @@ class Trainer:
                 "config": to_dict(self.cfg)}
 
     def _restore(self, path: str) -> None:
-        state = load_checkpoint(path, model=distributed.unwrap(self.model), optimizer=self.optimizer,
+        state = load_checkpoint(path, model=self.model, optimizer=self.optimizer,
                                 lr_scheduler=self.lr_scheduler, rank=self.dist.rank)
         self.schedule.load_state_dict(state["schedule"])
         self.cursor.load_state_dict(state["cursor"])
@@ -151,7 +151,7 @@ class Trainer:
 
     def save(self, step: int, tag: str | None) -> str | None:
         return save_checkpoint(
-            self.cfg.output_dir, step, model=distributed.unwrap(self.model), tokenizer=self.tokenizer,
+            self.cfg.output_dir, step, model=self.model, tokenizer=self.tokenizer,
             optimizer=self.optimizer, lr_scheduler=self.lr_scheduler, trainer_state=self._trainer_state(step),
             tag=tag, keep_last=self.cfg.checkpoint.keep_last,
             model_state_dict=distributed.full_state_dict(self.model, self.dist),

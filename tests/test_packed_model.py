@@ -13,7 +13,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from siri.model_forward import packed_hidden_states, packed_logprobs, packed_policy_loss
+from siri.distributed import _decoder_layers
+from siri.model_forward import decoder_body, packed_hidden_states, packed_logprobs, packed_policy_loss
 from siri.packing import LOSS_AGGS, Sample, pack, unpack
 
 VOCAB = 131  # odd on purpose: no power-of-two block sizes line up with it
@@ -163,3 +164,22 @@ def test_loss_keywords_from_the_batch_are_refused(model):
         packed_policy_loss(model, batch, weights=torch.ones(batch.num_scored))
     with pytest.raises(ValueError, match="batch"):
         packed_policy_loss(model, {"input_ids": batch.input_ids})
+
+
+def test_the_body_is_found_where_get_decoder_gives_none(model, monkeypatch):
+    # transformers 4.x's generic get_decoder() returns None for Qwen2 and Llama (the
+    # versions vLLM 0.10 and 0.11 pin); the body then comes from base_model.
+    (batch,) = pack(make_samples()[:3], 100)
+    with torch.no_grad():
+        expected = packed_hidden_states(model, batch)
+        monkeypatch.setattr(model, "get_decoder", lambda: None)
+        assert decoder_body(model) is model.model
+        torch.testing.assert_close(packed_hidden_states(model, batch), expected, rtol=0, atol=0)
+    assert [type(layer).__name__ for layer in _decoder_layers(model)] == ["Qwen2DecoderLayer"] * 2
+
+
+def test_a_model_without_a_body_or_layers_is_refused():
+    with pytest.raises(ValueError, match="get_decoder"):
+        decoder_body(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="_no_split_modules"):
+        _decoder_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))
