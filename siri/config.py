@@ -27,7 +27,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 @dataclass
 class ModelConfig:
     path: str = ""  # a local directory with a Hugging Face causal LM (config, weights, tokenizer)
-    dtype: str = "bfloat16"
+    dtype: str = "bfloat16"  # the forward's (autocast) and the rollout engine's
+    param_dtype: str = "float32"  # parameters, gradients and AdamW state (see siri.precision)
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
 
@@ -150,6 +151,7 @@ def _positive(key: str, value) -> None:
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Domain checks beyond types; ValueError naming the key."""
     _choice("model.dtype", cfg.model.dtype, DTYPES)
+    _choice("model.param_dtype", cfg.model.param_dtype, DTYPES)
     _choice("schedule.kind", cfg.schedule.kind, SCHEDULE_KINDS)
     _choice("rollout.engine", cfg.rollout.engine, ENGINES)
     _choice("algorithm.advantage", cfg.algorithm.advantage, ADVANTAGE_ESTIMATORS)

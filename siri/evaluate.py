@@ -18,6 +18,7 @@ import torch
 
 from siri.config import DataConfig, RolloutConfig
 from siri.data import PromptDataset
+from siri.precision import TORCH_DTYPES
 from siri.rewards import length_capped_reward, score_batch
 from siri.rollout import SamplingSettings, make_engine
 
@@ -118,8 +119,6 @@ def plot_accuracy_vs_length(results: list[EvalResult], path: str) -> None:
 
 def load_model(path: str, device: torch.device, dtype: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from siri.trainer import TORCH_DTYPES
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=TORCH_DTYPES[dtype]).to(device).eval()

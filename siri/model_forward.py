@@ -12,7 +12,8 @@ and the loss:
 With `fused_linear=True` (the default) the LM head and the loss run as one chunked
 `siri.kernels.fused_linear_policy_loss`, so not even the [T, V] logits of the scored rows
 are built; heads that post-process their logits (Gemma 2's soft-capping) fall back to
-materialising them.
+materialising them. Under `torch.autocast` (the trainer's mixed precision) the fused head
+runs in the autocast dtype, as the unfused `head(hidden)` would.
 
 Usage::
 
@@ -33,6 +34,7 @@ from siri.kernels import (
     token_logprobs,
 )
 from siri.packing import PackedBatch
+from siri.precision import autocast_dtype
 
 __all__ = [
     "decoder_body", "lm_head_logits", "lm_head_policy_loss", "packed_hidden_states", "packed_logprobs",
@@ -115,6 +117,17 @@ def _fusable_head(model):
     return None
 
 
+def _head_operands(hidden: torch.Tensor, head: torch.nn.Linear):
+    """(hidden, weight, bias) for the fused kernels, in the dtype autocast gives an
+    nn.Linear here: under mixed precision the float32 head runs in the compute dtype, as
+    the unfused `head(hidden)` would (the casts are differentiable)."""
+    dtype = autocast_dtype(hidden.device.type)
+    weight, bias = head.weight, head.bias
+    if dtype is None:
+        return hidden, weight, bias
+    return hidden.to(dtype), weight.to(dtype), (bias.to(dtype) if bias is not None else None)
+
+
 def lm_head_logits(hidden: torch.Tensor, model) -> torch.Tensor:
     """The logits [T, V] of the gathered hidden states, as the model's forward would make them."""
     logits = _lm_head(model)(hidden)
@@ -135,7 +148,8 @@ def lm_head_policy_loss(hidden: torch.Tensor, model, targets: torch.Tensor, adva
     """
     head = _fusable_head(model) if fused_linear else None
     if head is not None:
-        return fused_linear_policy_loss(hidden, head.weight, targets, advantages, weights, bias=head.bias,
+        hidden, weight, bias = _head_operands(hidden, head)
+        return fused_linear_policy_loss(hidden, weight, targets, advantages, weights, bias=bias,
                                         chunk_size=chunk_size, **loss_kwargs)
     return policy_loss(lm_head_logits(hidden, model), targets, advantages, weights, **loss_kwargs)
 
@@ -176,7 +190,8 @@ def packed_logprobs(model, batch: PackedBatch, *, temperature: float = 1.0, retu
     hidden = packed_hidden_states(model, batch)
     head = _fusable_head(model) if fused_linear and not torch.is_grad_enabled() else None
     if head is not None:
-        return fused_linear_token_logprobs(hidden, head.weight, batch.targets, bias=head.bias, temperature=temperature,
+        hidden, weight, bias = _head_operands(hidden, head)
+        return fused_linear_token_logprobs(hidden, weight, batch.targets, bias=bias, temperature=temperature,
                                            return_entropy=return_entropy, backend=backend)
     logits = lm_head_logits(hidden, model)
     return token_logprobs(logits, batch.targets, temperature=temperature, return_entropy=return_entropy,

@@ -31,13 +31,11 @@ from siri.config import TrainConfig, to_dict
 from siri.data import DataCursor, PromptDataset
 from siri.model_forward import packed_logprobs, packed_policy_loss
 from siri.packing import Sample, pack, unpack
+from siri.precision import TORCH_DTYPES, compute_context, parameter_dtype
 from siri.rewards import length_capped_reward, load_reward_fn, score_batch
 from siri.rollout import SamplingSettings, make_engine
 from siri.schedule import make_schedule
 from siri.tracking import Tracker
-
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -59,14 +57,15 @@ def build_schedule(cfg: TrainConfig):
 
 
 def load_policy(cfg: TrainConfig, device: torch.device):
-    """(model, tokenizer) from `model.path`, a local Hugging Face model directory."""
+    """(model, tokenizer) from `model.path`, a local Hugging Face model directory; the
+    parameters in `model.param_dtype`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not cfg.model.path:
         raise ValueError("model.path must name a local Hugging Face model directory")
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
     model = AutoModelForCausalLM.from_pretrained(
-        cfg.model.path, dtype=TORCH_DTYPES[cfg.model.dtype], attn_implementation=cfg.model.attn_implementation
+        cfg.model.path, dtype=TORCH_DTYPES[cfg.model.param_dtype], attn_implementation=cfg.model.attn_implementation
     ).to(device)
     return model, tokenizer
 
@@ -103,6 +102,8 @@ class Trainer:
             raise ValueError("tokenizer must be given along with model")
         self.tokenizer = tokenizer
         self.model = model.to(self.device)
+        # A given model keeps its own dtype; autocast engages when it differs from model.dtype.
+        self.compute = compute_context(self.device, TORCH_DTYPES[cfg.model.dtype], parameter_dtype(self.model))
         if cfg.model.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         self.ref_model = distributed.frozen_copy(self.model) if cfg.algorithm.kl_coef != 0 else None
@@ -176,7 +177,8 @@ class Trainer:
                                                 seed=self.cfg.seed * 1_000_003 + step * 1009 + self.dist.rank)
         self.engine.wake_up()
         try:
-            rollouts = self.engine.generate([p.prompt_ids for p in problems], settings)
+            with self.compute():  # HFEngine samples with the training model
+                rollouts = self.engine.generate([p.prompt_ids for p in problems], settings)
         finally:
             self.engine.sleep()
         return rollouts
@@ -219,9 +221,10 @@ class Trainer:
         padded = distributed.pad_micro_batches(batches, samples, self.dist)  # the padding is dropped below
         values = []
         for batch in padded:
-            values.append(packed_logprobs(model, batch.to(self.device), temperature=self.cfg.rollout.temperature,
-                                          backend=self.cfg.algorithm.kernel_backend,
-                                          fused_linear=self.cfg.algorithm.fused_linear).cpu())
+            with self.compute():
+                values.append(packed_logprobs(model, batch.to(self.device), temperature=self.cfg.rollout.temperature,
+                                              backend=self.cfg.algorithm.kernel_backend,
+                                              fused_linear=self.cfg.algorithm.fused_linear).cpu())
         return [t.tolist() for t in unpack(values[:len(batches)], batches)]
 
     def _with_logprobs(self, samples, old, ref) -> list[Sample]:
@@ -270,12 +273,13 @@ class Trainer:
             batches = distributed.globalise_weights(self._pack(part), part, local, total, self.dist)
             for batch in batches:
                 batch = batch.to(self.device)
-                out = packed_policy_loss(
-                    self.model, batch, fused_linear=a.fused_linear,
-                    temperature=self.cfg.rollout.temperature, clip_low=a.clip_low, clip_high=a.clip_high,
-                    dual_clip=a.dual_clip, kl_coef=a.kl_coef, kl_estimator=a.kl_estimator,
-                    entropy_coef=a.entropy_coef, tis_cap=a.tis_cap, backend=a.kernel_backend,
-                )
+                with self.compute():
+                    out = packed_policy_loss(
+                        self.model, batch, fused_linear=a.fused_linear,
+                        temperature=self.cfg.rollout.temperature, clip_low=a.clip_low, clip_high=a.clip_high,
+                        dual_clip=a.dual_clip, kl_coef=a.kl_coef, kl_estimator=a.kl_estimator,
+                        entropy_coef=a.entropy_coef, tis_cap=a.tis_cap, backend=a.kernel_backend,
+                    )
                 (out.loss * distributed.loss_scale(self.dist)).backward()
                 weight = batch.weights.sum()
                 add("loss", out.loss)

@@ -295,6 +295,14 @@ def test_vllm_engine_without_vllm_says_how_to_install():
                         model_path=path, max_budget=64, dtype="float32", seed=0)
 
 
+def test_vllm_engine_bad_arguments_name_themselves():
+    for kwargs, match in [(dict(dtype="fp8"), "dtype must be one of"), (dict(max_model_len=1), "max_model_len"),
+                          (dict(gpu_memory_utilization=1.5), "gpu_memory_utilization")]:
+        args = dict(max_model_len=64, dtype="bfloat16", gpu_memory_utilization=0.3, enforce_eager=True, seed=0)
+        with pytest.raises(ValueError, match=match):  # before vLLM is imported
+            VLLMEngine("unused", **{**args, **kwargs})
+
+
 # -- vLLM: a real engine -------------------------------------------------------------------
 
 @pytest.mark.gpu
@@ -331,7 +339,7 @@ def test_vllm_engine_end_to_end(tmp_path):
         # sync while asleep, from (name, tensor) pairs: a zero final-norm weight zeroes the hidden
         # states, so every logit is 0 and every token has log-prob -log(V) once vLLM follows
         vllm_engine.sleep()
-        state = {name: t.to(torch.bfloat16) for name, t in hf_model.state_dict().items()}
+        state = {name: t.clone() for name, t in hf_model.state_dict().items()}  # float32, as the trainer's
         state["model.norm.weight"].zero_()
         vllm_engine.sync_weights(state.items())
         vllm_engine.wake_up()

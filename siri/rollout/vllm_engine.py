@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 
+from siri.precision import TORCH_DTYPES
 from siri.rollout.base import (
     FINISH_LENGTH,
     FINISH_STOP,
@@ -211,11 +212,14 @@ class VLLMEngine(RolloutEngine):
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization!r}")
         if sleep_level not in (1, 2):
             raise ValueError(f"sleep_level must be 1 or 2, got {sleep_level!r}")
+        if dtype not in TORCH_DTYPES:
+            raise ValueError(f"dtype must be one of {list(TORCH_DTYPES)}, got {dtype!r}")
         vllm = import_vllm()
         if not torch.cuda.is_available():
             raise RuntimeError("VLLMEngine needs a CUDA GPU; use rollout.engine=hf without one")
 
         self.max_model_len = int(max_model_len)
+        self.dtype = TORCH_DTYPES[dtype]
         self.sleep_level = sleep_level
         self._vllm = vllm
         self._asleep: set[str] = set()
@@ -287,7 +291,8 @@ class VLLMEngine(RolloutEngine):
         """Copy the trainer's weights into the vLLM model.
 
         `model` is a module (its `state_dict()`, FSDP2 shards gathered), a state dict, or an
-        iterable of (name, tensor) pairs with Hugging Face names. Wakes only the weights if
+        iterable of (name, tensor) pairs with Hugging Face names; floating-point tensors are
+        cast to the engine's dtype one at a time. Wakes only the weights if
         the engine sleeps, so the KV cache is not re-allocated until `wake_up`.
         """
         llm = self._require_open()
@@ -296,7 +301,8 @@ class VLLMEngine(RolloutEngine):
         if "weights" in self._asleep:
             llm.wake_up(tags=["weights"])
             self._asleep.discard("weights")
-        weights = named_tensors(model)
+        # The trainer's float32 master weights travel in the engine's dtype: half the bytes.
+        weights = ((name, t.to(self.dtype) if t.is_floating_point() else t) for name, t in named_tensors(model))
 
         def load(vllm_model: torch.nn.Module):
             loaded = vllm_model.load_weights(weights=weights)
