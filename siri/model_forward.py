@@ -37,8 +37,8 @@ from siri.packing import PackedBatch
 from siri.precision import autocast_dtype
 
 __all__ = [
-    "decoder_body", "lm_head_logits", "lm_head_policy_loss", "packed_hidden_states", "packed_logprobs",
-    "packed_policy_loss",
+    "decoder_body", "enable_activation_checkpointing", "lm_head_logits", "lm_head_policy_loss",
+    "packed_hidden_states", "packed_logprobs", "packed_policy_loss",
 ]
 
 # Filled from the batch by `packed_policy_loss`; a caller passing them would be ambiguous.
@@ -67,6 +67,14 @@ def decoder_body(model) -> torch.nn.Module:
         raise ValueError(f"model: cannot find the decoder body of {type(model).__name__} "
                          "(get_decoder() and base_model give none)")
     return body
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each decoder layer in the backward instead of keeping its activations
+    (`model.gradient_checkpointing`): transformers' `activation_checkpointing_enable`, named
+    `gradient_checkpointing_enable` before it (deprecated since, removed in v6)."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
 
 
 def _lm_head(model) -> torch.nn.Module:

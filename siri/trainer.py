@@ -29,7 +29,7 @@ from siri.advantages import compute_advantages, dynamic_sampling_mask
 from siri.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from siri.config import TrainConfig, to_dict
 from siri.data import DataCursor, PromptDataset
-from siri.model_forward import packed_logprobs, packed_policy_loss
+from siri.model_forward import enable_activation_checkpointing, packed_logprobs, packed_policy_loss
 from siri.packing import Sample, pack, unpack
 from siri.precision import TORCH_DTYPES, compute_context, parameter_dtype
 from siri.rewards import length_capped_reward, load_reward_fn, score_batch
@@ -105,7 +105,7 @@ class Trainer:
         # A given model keeps its own dtype; autocast engages when it differs from model.dtype.
         self.compute = compute_context(self.device, TORCH_DTYPES[cfg.model.dtype], parameter_dtype(self.model))
         if cfg.model.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
+            enable_activation_checkpointing(self.model)
         self.ref_model = distributed.frozen_copy(self.model) if cfg.algorithm.kl_coef != 0 else None
         self.model = distributed.shard(self.model, self.dist)
         if self.ref_model is not None:

@@ -14,7 +14,13 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from siri.distributed import _decoder_layers
-from siri.model_forward import decoder_body, packed_hidden_states, packed_logprobs, packed_policy_loss
+from siri.model_forward import (
+    decoder_body,
+    enable_activation_checkpointing,
+    packed_hidden_states,
+    packed_logprobs,
+    packed_policy_loss,
+)
 from siri.packing import LOSS_AGGS, Sample, pack, unpack
 
 VOCAB = 131  # odd on purpose: no power-of-two block sizes line up with it
@@ -183,3 +189,24 @@ def test_a_model_without_a_body_or_layers_is_refused():
         decoder_body(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="_no_split_modules"):
         _decoder_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    # model.gradient_checkpointing (on in configs/siri-1.5b.yaml) recomputes each layer in
+    # the backward; the hook that takes the body's output must still see the right tensor.
+    samples = make_samples(seed=2)
+    batches = pack(samples, MAX_TOKENS)
+    results = []
+    for checkpointing in (False, True):
+        model = make_model("sdpa").train()  # train mode: transformers checkpoints only then
+        if checkpointing:
+            enable_activation_checkpointing(model)
+        assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules()) == checkpointing
+        total = sum(packed_policy_loss(model, batch, **LOSS_KWARGS).loss for batch in batches)
+        total.backward()
+        results.append((total.detach(), gradients(model)))
+    (loss, grads), (loss_ckpt, grads_ckpt) = results
+    torch.testing.assert_close(loss_ckpt, loss, rtol=1e-6, atol=1e-7)
+    assert grads_ckpt.keys() == grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_ckpt[name], grad, rtol=1e-5, atol=1e-7, msg=name)
