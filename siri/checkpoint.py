@@ -34,6 +34,8 @@ import warnings
 import numpy as np
 import torch
 
+from siri.files import fsync_path
+
 CHECKPOINTS_DIR = "checkpoints"
 POLICY_DIR = "policy"
 COMPLETE = "COMPLETE"
@@ -102,31 +104,16 @@ def _all_ok(ok: bool) -> bool:
 
 # -- file helpers ----------------------------------------------------------------------
 
-def _fsync_path(path: str) -> None:
-    # Directories are opened read-only to fsync their entries; some file systems refuse
-    # that, which only costs durability against a power loss, never correctness.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(root: str) -> None:
     for folder, _, files in os.walk(root):
         for name in files:
-            _fsync_path(os.path.join(folder, name))
-        _fsync_path(folder)
+            fsync_path(os.path.join(folder, name))
+        fsync_path(folder)
 
 
 def _torch_save(obj, path: str) -> None:
     torch.save(obj, path)
-    _fsync_path(path)
+    fsync_path(path)
 
 
 # -- RNG ---------------------------------------------------------------------------------
@@ -273,14 +260,14 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model, tokenize
         _fsync_tree(tmp)
         with open(os.path.join(tmp, COMPLETE), "w") as handle:
             handle.write(f"{step}\n")
-        _fsync_path(os.path.join(tmp, COMPLETE))
-        _fsync_path(tmp)
+        fsync_path(os.path.join(tmp, COMPLETE))
+        fsync_path(tmp)
         if os.path.exists(final):
             # Re-saving a step (a run restarted without resuming): rename the old one aside
             # first, since os.replace cannot overwrite a non-empty directory.
             os.replace(final, os.path.join(root, _TRASH_PREFIX + name))
         os.replace(tmp, final)
-        _fsync_path(root)  # make the rename itself durable
+        fsync_path(root)  # make the rename itself durable
         _remove_stale(root)
         _prune(root, keep_last)
     _barrier()  # no rank goes on (or loads) before the checkpoint is in place

@@ -10,7 +10,6 @@ length is drawn as a PNG.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 
@@ -18,6 +17,7 @@ import torch
 
 from siri.config import DataConfig, RolloutConfig
 from siri.data import PromptDataset
+from siri.files import write_atomically, write_json_atomically
 from siri.precision import TORCH_DTYPES
 from siri.rewards import length_capped_reward, score_batch
 from siri.rollout import SamplingSettings, make_engine
@@ -113,7 +113,7 @@ def plot_accuracy_vs_length(results: list[EvalResult], path: str) -> None:
     ax.set_title(f"accuracy against length (budget {results[0].budget})")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
 
 
@@ -152,9 +152,9 @@ def run_eval(models: list[str], data_files: list[str], *, budget: int, k: int, o
     print(format_table(results))
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "eval.json"), "w") as handle:
-            json.dump([{"model": r.model, "budget": r.budget, "datasets": r.datasets, "average": r.average}
-                       for r in results], handle, indent=2)
+        write_json_atomically(os.path.join(out_dir, "eval.json"),
+                              [{"model": r.model, "budget": r.budget, "datasets": r.datasets, "average": r.average}
+                               for r in results], indent=2)
         if len(results) > 1:
             plot_accuracy_vs_length(results, os.path.join(out_dir, "accuracy_vs_length.png"))
     return results

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from siri.config import LoggingConfig
+from siri.files import write_text_atomically
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -95,17 +96,7 @@ def _drop_steps_from(path: str, start_step: int) -> None:
                 kept.append(line if line.endswith("\n") else line + "\n")
     if dropped_torn:
         warnings.warn(f"{path}: dropped {dropped_torn} unreadable line(s) left by an interrupted run", stacklevel=3)
-    _write_atomically(path, "".join(kept))
-
-
-def _write_atomically(path: str, text: str) -> None:
-    """Replace `path` by `text` so that a kill at any point leaves the old file or the new one."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    write_text_atomically(path, "".join(kept))
 
 
 class Tracker:
@@ -192,7 +183,7 @@ class Tracker:
         run = wandb.init(project=self.cfg.wandb_project, config=run_config, resume="allow", id=run_id,
                          dir=self.output_dir)
         if run_id is None:  # a kill mid-write must not leave an empty id, which would start a new run
-            _write_atomically(id_path, run.id + "\n")
+            write_text_atomically(id_path, run.id + "\n")
         return run
 
     def _open_progress_bar(self):

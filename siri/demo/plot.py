@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 
+from siri.files import write_atomically
+
 __all__ = ["CURVE_METRICS", "TABLE_ROWS", "format_table", "plot_curves", "print_table", "read_metrics"]
 
 # (metric key in the trainer's log, axis label), top panel to bottom.
@@ -72,7 +74,7 @@ def plot_curves(runs: dict[str, str | os.PathLike | list[dict]], path: str | os.
     axes[0].legend()
     axes[-1].set_xlabel("RL step")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
 
 

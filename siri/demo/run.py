@@ -23,7 +23,6 @@ the same files appear within a few minutes; its numbers show nothing.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable
@@ -34,6 +33,7 @@ from siri.demo.model import ModelSize
 from siri.demo.plot import format_table, plot_curves, read_metrics
 from siri.demo.sft import SFTConfig, build_base_model
 from siri.demo.task import TaskConfig, all_problems
+from siri.files import write_json_atomically
 
 __all__ = ["FULL", "QUICK", "DemoConfig", "find_checkpoint", "rl_config", "run_demo"]
 
@@ -213,8 +213,7 @@ def run_demo(out_dir: str | os.PathLike, quick: bool = False, *, demo: DemoConfi
         "rl_final_step": {run: read_metrics(path)[-1] for run, path in metrics.items()},
         "wall_s": time.perf_counter() - started,
     }
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(report, f, indent=2)
+    write_json_atomically(os.path.join(out_dir, "results.json"), report, indent=2)
     log(f"{clock()} done; measured at budget {demo.l_max}, {demo.eval_samples} samples of each of "
         f"{len(eval_problems)} problems")
     log(format_table({name: results[name] for name in ("base", "constant", "siri_low", "siri_high")}))
