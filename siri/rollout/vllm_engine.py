@@ -299,6 +299,7 @@ class VLLMEngine(RolloutEngine):
         if not hasattr(llm, "apply_model"):  # vLLM >= 0.10.2 has it; guard a future rename
             raise RuntimeError(f"vLLM {self._vllm.__version__} has no LLM.apply_model: weight sync is not supported")
         if "weights" in self._asleep:
+            torch.cuda.empty_cache()  # see wake_up
             llm.wake_up(tags=["weights"])
             self._asleep.discard("weights")
         # The trainer's float32 master weights travel in the engine's dtype: half the bytes.
@@ -335,6 +336,9 @@ class VLLMEngine(RolloutEngine):
         llm = self._require_open()
         if not self._asleep:
             return
+        # vLLM maps its memory outside PyTorch's caching allocator, which still holds the
+        # blocks the update freed (activations, logits chunks): hand them back first.
+        torch.cuda.empty_cache()
         llm.wake_up(tags=[tag for tag in _SLEEP_TAGS if tag in self._asleep])
         self._asleep.clear()
 
