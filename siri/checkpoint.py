@@ -34,6 +34,7 @@ import warnings
 import numpy as np
 import torch
 
+from siri.checks import as_int
 from siri.files import fsync_path
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -176,14 +177,11 @@ def _prune(root: str, keep_last: int) -> None:
 
 
 def _check_save_args(step, tag, keep_last, trainer_state, rank) -> str:
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"step must be a non-negative integer, got {step!r}")
+    step = as_int("step", step, minimum=0)
     if tag is not None and tag not in TAGS:
         raise ValueError(f"tag must be one of {list(TAGS)} or None, got {tag!r}")
-    if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
-        raise ValueError(f"keep_last must be an integer >= 1, got {keep_last!r}")
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
-        raise ValueError(f"rank must be a non-negative integer, got {rank!r}")
+    as_int("keep_last", keep_last, minimum=1)
+    as_int("rank", rank, minimum=0)
     if not isinstance(trainer_state, dict):
         raise ValueError(f"trainer_state must be a dict, got {type(trainer_state).__name__}")
     if "step" in trainer_state and trainer_state["step"] != step:

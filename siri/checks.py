@@ -6,8 +6,8 @@ import operator
 from typing import Any
 
 
-def as_int(name: str, value: Any, *, minimum: int) -> int:
-    """`value` as an int >= `minimum`, or ValueError naming `name`.
+def as_int(name: str, value: Any, *, minimum: int | None) -> int:
+    """`value` as an int >= `minimum` (any int with None), or ValueError naming `name`.
 
     Accepts anything with ``__index__`` (numpy and torch integer scalars) but not bools
     or floats: a budget of 8192.5 tokens or a period of ``True`` is a configuration bug.
@@ -18,6 +18,6 @@ def as_int(name: str, value: Any, *, minimum: int) -> int:
         as_integer = operator.index(value)
     except TypeError:
         raise ValueError(f"{name} must be an integer, got {type(value).__name__} {value!r}") from None
-    if as_integer < minimum:
+    if minimum is not None and as_integer < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {as_integer}")
     return as_integer

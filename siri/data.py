@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from siri.checks import as_int
 from siri.config import DataConfig
 
 logger = logging.getLogger(__name__)
@@ -217,12 +218,8 @@ class DataCursor:
     """
 
     def __init__(self, num_items: int, seed: int = 0, shuffle: bool = True) -> None:
-        if isinstance(num_items, bool) or not isinstance(num_items, int) or num_items <= 0:
-            raise ValueError(f"num_items must be a positive integer, got {num_items!r}")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
-        self.num_items = num_items
-        self.seed = int(seed)
+        self.num_items = as_int("num_items", num_items, minimum=1)
+        self.seed = as_int("seed", seed, minimum=None)
         self.shuffle = bool(shuffle)
         self.epoch = 0
         self.position = 0
@@ -244,8 +241,7 @@ class DataCursor:
 
     def next_indices(self, n: int) -> list[int]:
         """The next `n` item indices, advancing the cursor (across epochs when needed)."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"n must be a non-negative integer, got {n!r}")
+        n = as_int("n", n, minimum=0)
         drawn: list[int] = []
         while len(drawn) < n:
             order = self._permutation(self.epoch)

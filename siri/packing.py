@@ -46,6 +46,8 @@ from typing import Hashable, Sequence
 import numpy as np
 import torch
 
+from siri.checks import as_int
+
 __all__ = ["LOSS_AGGS", "PackedBatch", "Sample", "pack", "unpack"]
 
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -168,14 +170,6 @@ class PackedBatch:
 
 # ---------------------------------------------------------------------------------------
 # Input checks: every failure is a ValueError naming the argument.
-
-
-def _check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
-    if value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
-    return int(value)
 
 
 def _as_array(name: str, value, *, integer: bool) -> np.ndarray:
@@ -428,8 +422,8 @@ def pack(
         per-token fields whose length is not the response's, negative ids, log-probs given
         for only some samples, an unknown `loss_agg`, `max_tokens` <= 0.
     """
-    max_tokens = _check_positive_int("max_tokens", max_tokens)
-    min_micro_batches = _check_positive_int("min_micro_batches", min_micro_batches)
+    max_tokens = as_int("max_tokens", max_tokens, minimum=1)
+    min_micro_batches = as_int("min_micro_batches", min_micro_batches, minimum=1)
     if loss_agg not in LOSS_AGGS:
         raise ValueError(f"loss_agg must be one of {list(LOSS_AGGS)}, got {loss_agg!r}")
     if loss_agg == "seq-mean-token-sum-norm":
@@ -446,7 +440,7 @@ def pack(
             or not math.isfinite(attention_crossover) or attention_crossover < 0:
         raise ValueError(f"attention_crossover must be a finite number >= 0, got {attention_crossover!r}")
     if vocab_size is not None:
-        vocab_size = _check_positive_int("vocab_size", vocab_size)
+        vocab_size = as_int("vocab_size", vocab_size, minimum=1)
     if isinstance(samples, (str, bytes)) or not isinstance(samples, Sequence):
         raise ValueError(f"samples must be a sequence of Sample, got {type(samples).__name__}")
 

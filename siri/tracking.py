@@ -19,6 +19,7 @@ import warnings
 import numpy as np
 import torch
 
+from siri.checks import as_int
 from siri.config import LoggingConfig
 from siri.files import write_text_atomically
 
@@ -117,10 +118,8 @@ class Tracker:
 
     def __init__(self, output_dir: str | os.PathLike, cfg: LoggingConfig, run_config: dict, total_steps: int,
                  start_step: int = 0, is_main: bool = True) -> None:
-        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 0:
-            raise ValueError(f"total_steps must be a non-negative integer, got {total_steps!r}")
-        if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
-            raise ValueError(f"start_step must be a non-negative integer, got {start_step!r}")
+        total_steps = as_int("total_steps", total_steps, minimum=0)
+        start_step = as_int("start_step", start_step, minimum=0)
         if not isinstance(run_config, dict):
             raise ValueError(f"run_config must be a dict, got {type(run_config).__name__}")
         self.output_dir = os.fspath(output_dir)
@@ -200,8 +199,7 @@ class Tracker:
             return
         if self._closed:
             raise RuntimeError("Tracker.log after close()")
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"step must be a non-negative integer, got {step!r}")
+        step = as_int("step", step, minimum=0)
         values = to_host(metrics)
         self._file.write(json.dumps({"step": step, **values}) + "\n")
         numeric = {name: value for name, value in values.items() if _is_number(value) or isinstance(value, bool)}

@@ -37,6 +37,7 @@ from siri.rollout import SamplingSettings, make_engine
 from siri.schedule import make_schedule
 from siri.tracking import Tracker
 
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

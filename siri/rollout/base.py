@@ -26,6 +26,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from siri.checks import as_int
+
 if TYPE_CHECKING:
     from siri.config import RolloutConfig
 
@@ -63,18 +65,15 @@ class SamplingSettings:
     seed: int | None = None
 
     def __post_init__(self):
-        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
-            raise ValueError(f"n must be an integer >= 1, got {self.n!r}")
+        as_int("n", self.n, minimum=1)
         if not self.temperature > 0:  # also rejects NaN
             raise ValueError(f"temperature must be > 0 (greedy decoding is not a rollout), got {self.temperature!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int):
-            raise ValueError(f"top_k must be an integer (<= 0 disables it), got {self.top_k!r}")
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        as_int("top_k", self.top_k, minimum=None)  # <= 0 disables it
+        as_int("max_tokens", self.max_tokens, minimum=1)
+        if self.seed is not None:
+            as_int("seed", self.seed, minimum=None)
 
     @classmethod
     def from_config(cls, cfg: RolloutConfig, budget: int, seed: int) -> SamplingSettings:
