@@ -7,6 +7,7 @@ where vLLM and a GPU are present.
 """
 
 import importlib.util
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -284,8 +285,8 @@ def test_named_tensors_strips_wrappers():
     assert [n for n, _ in named_tensors({"module.a": torch.ones(1)})] == ["a"]
 
 
-@pytest.mark.skipif(HAS_VLLM, reason="vLLM is installed")
-def test_vllm_engine_without_vllm_says_how_to_install():
+def test_vllm_engine_without_vllm_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # as without vLLM, whether or not it is installed here
     with pytest.raises(ImportError, match=r"vLLM is not installed: pip install 'siri\[vllm\]' \(needs a CUDA GPU\)"):
         VLLMEngine("unused", max_model_len=64, dtype="float32", gpu_memory_utilization=0.3, enforce_eager=True,
                    seed=0)
