@@ -179,7 +179,10 @@ def _zero_weight_batch(template, samples):
         from siri.packing import Sample, pack
 
         token = samples[0].prompt_ids[0] if samples else 0
-        (template,) = pack([Sample(prompt_ids=[token], response_ids=[token], advantage=0.0)], max_tokens=2)
+        # Every log-prob field, so the loss accepts it whatever the options need (tis_cap
+        # needs rollout log-probs, kl_coef reference ones); with weight 0 their values never count.
+        (template,) = pack([Sample(prompt_ids=[token], response_ids=[token], advantage=0.0, old_logprobs=[0.0],
+                                   ref_logprobs=[0.0], rollout_logprobs=[0.0])], max_tokens=2)
     return dataclasses.replace(template, weights=torch.zeros_like(template.weights))
 
 

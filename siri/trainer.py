@@ -148,8 +148,7 @@ class Trainer:
                                 lr_scheduler=self.lr_scheduler, rank=self.dist.rank)
         self.schedule.load_state_dict(state["schedule"])
         self.cursor.load_state_dict(state["cursor"])
-        self.start_step = state["step"] + 1
-        self.engine.sync_weights(self.model)
+        self.start_step = state["step"] + 1  # train_step syncs the restored weights into the engine
 
     def save(self, step: int, tag: str | None) -> str | None:
         return save_checkpoint(
@@ -303,6 +302,7 @@ class Trainer:
     def train_step(self, step: int) -> StepResult:
         cfg = self.cfg
         budget, phase = self.schedule(step), self.schedule.phase(step)
+        lr = self.lr_scheduler.get_last_lr()[0]  # the rate this step's updates use
         started = time.perf_counter()
         problems, draws = self._prompts_of_step()
         self.engine.sync_weights(self.model)
@@ -338,7 +338,7 @@ class Trainer:
         elapsed = time.perf_counter() - started
         responses = max(total["responses"], 1.0)
         metrics = {
-            "budget": budget, "phase": phase, "lr": self.lr_scheduler.get_last_lr()[0],
+            "budget": budget, "phase": phase, "lr": lr,
             "response_len_mean": total["response_len_sum"] / responses,
             "response_len_max": distributed.max_value(local["response_len_max"], self.dist),
             "truncation_rate": total["truncated"] / responses, "accuracy": total["accuracy"] / responses,

@@ -39,3 +39,20 @@ def test_two_ranks_match_one_process(tmp_path, loss_agg, dtype, rtol):
         assert grad.dtype == two["grads"][name].dtype == torch.float32, name
         atol = 1e-7 if dtype == "float32" else rtol * grad.abs().max().item()
         torch.testing.assert_close(two["grads"][name], grad, atol=atol, rtol=max(rtol, 1e-4), msg=name)
+
+
+def test_a_rank_without_samples_runs_a_zero_weight_batch_under_every_option():
+    # A rank whose groups were all dropped pads with a dummy micro-batch; if the loss refused
+    # it (tis_cap needs rollout log-probs, kl_coef reference ones), that rank would raise
+    # while its peers wait in FSDP's collectives forever.
+    from trainer_fixtures import make_model, make_tokenizer
+
+    from siri.distributed import _zero_weight_batch
+    from siri.model_forward import packed_policy_loss
+
+    model = make_model(make_tokenizer())
+    batch = _zero_weight_batch(None, [])
+    out = packed_policy_loss(model, batch, clip_low=0.2, clip_high=0.28, tis_cap=2.0, kl_coef=0.1)
+    out.loss.backward()
+    assert out.loss.item() == 0.0
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())

@@ -156,3 +156,9 @@ def test_a_mini_batch_with_nothing_scored_takes_no_optimizer_step(tmp_path):
     scored = [dataclasses.replace(s, truncated=False) for s in masked]
     trainer._update(scored)
     assert any(not torch.equal(p, before[name]) for name, p in trainer.model.named_parameters())
+
+
+def test_the_logged_lr_is_the_one_the_step_used(tmp_path):
+    # Linear warm-up over 2 optimizer steps from lr 1e-2: step 0 updates at 5e-3, step 1 at 1e-2.
+    run(tmp_path, 3, **{"optim.warmup_steps": 2, "optim.lr": "1e-2"})
+    assert [row["lr"] for row in read_metrics(tmp_path)] == pytest.approx([5e-3, 1e-2, 1e-2])
