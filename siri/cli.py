@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(run=_eval)
 
     demo = commands.add_parser("demo", help="SIRI end to end on a tiny model and a synthetic task, on a CPU "
-                                            "(about 15 minutes; nothing downloaded)")
+                                            "(about 6 minutes on 2 cores; nothing downloaded)")
     demo.add_argument("--out", required=True, help="folder for results.json, curves.png, metrics and checkpoints")
     demo.add_argument("--quick", action="store_true",
                       help="tiny sizes: the same files in under a minute, too short to show the effect")

@@ -152,6 +152,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     """Domain checks beyond types; ValueError naming the key."""
     _choice("model.dtype", cfg.model.dtype, DTYPES)
     _choice("model.param_dtype", cfg.model.param_dtype, DTYPES)
+    if cfg.model.param_dtype not in ("float32", cfg.model.dtype):
+        raise ValueError(f"model.param_dtype must be float32 or model.dtype ({cfg.model.dtype!r}): autocast only "
+                         f"narrows, got {cfg.model.param_dtype!r}")
     _choice("schedule.kind", cfg.schedule.kind, SCHEDULE_KINDS)
     _choice("rollout.engine", cfg.rollout.engine, ENGINES)
     _choice("algorithm.advantage", cfg.algorithm.advantage, ADVANTAGE_ESTIMATORS)

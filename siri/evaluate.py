@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from siri.checks import as_int
 from siri.config import DataConfig, RolloutConfig
 from siri.data import PromptDataset
 from siri.files import write_atomically, write_json_atomically
@@ -42,10 +43,8 @@ def evaluate_model(model, tokenizer, datasets: dict[str, PromptDataset], *, budg
                    rollout_cfg: RolloutConfig, seed: int = 0, model_path: str = "", dtype: str = "float32",
                    name: str = "model") -> EvalResult:
     """pass@1 (mean over k samples) and mean length of `model` on each data set."""
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    if budget < 1:
-        raise ValueError(f"budget must be >= 1, got {budget}")
+    k = as_int("k", k, minimum=1)
+    budget = as_int("budget", budget, minimum=1)
     longest = max((len(d[i].prompt_ids) for d in datasets.values() for i in range(len(d))), default=0)
     cfg = RolloutConfig(**{**rollout_cfg.__dict__, "n": k})
     engine = make_engine(cfg, model=model, tokenizer=tokenizer, model_path=model_path, max_budget=longest + budget,
@@ -117,12 +116,26 @@ def plot_accuracy_vs_length(results: list[EvalResult], path: str) -> None:
     plt.close(fig)
 
 
-def load_model(path: str, device: torch.device, dtype: str):
+def load_model(path: str, device: torch.device, dtype: str, *, weights: bool = True):
+    """(model, tokenizer) of a model directory; the model is None without `weights` (vLLM
+    loads its own copy)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path)
+    if not weights:
+        return None, tokenizer
     model = AutoModelForCausalLM.from_pretrained(path, dtype=TORCH_DTYPES[dtype]).to(device).eval()
     return model, tokenizer
+
+
+def _data_set_names(data_files: list[str]) -> list[str]:
+    """Each file's name without its extension: the table's column; two alike are an error
+    (one data set would silently replace the other)."""
+    names = [os.path.splitext(os.path.basename(f))[0] for f in data_files]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"data: files {repeated} share a name; rename them so each data set has its own column")
+    return names
 
 
 def model_name(path: str) -> str:
@@ -139,13 +152,20 @@ def run_eval(models: list[str], data_files: list[str], *, budget: int, k: int, o
         raise ValueError("models: give at least one model directory")
     if not data_files:
         raise ValueError("data: give at least one jsonl or parquet file")
-    results = []
+    # Every argument is checked before the first model loads, not after hours of evaluation.
     for path in models:
         if not os.path.isdir(path):
             raise ValueError(f"model {path!r} is not a directory")
-        model, tokenizer = load_model(path, device, dtype)
-        datasets = {os.path.splitext(os.path.basename(f))[0]: PromptDataset([f], tokenizer, data_cfg)
-                    for f in data_files}
+    for path in data_files:
+        if not os.path.isfile(path):
+            raise ValueError(f"data {path!r} is not a file")
+    names = _data_set_names(data_files)
+    as_int("budget", budget, minimum=1)
+    as_int("k", k, minimum=1)
+    results = []
+    for path in models:
+        model, tokenizer = load_model(path, device, dtype, weights=rollout_cfg.engine == "hf")
+        datasets = {name: PromptDataset([f], tokenizer, data_cfg) for name, f in zip(names, data_files)}
         results.append(evaluate_model(model, tokenizer, datasets, budget=budget, k=k, rollout_cfg=rollout_cfg,
                                       seed=seed, model_path=path, dtype=dtype, name=model_name(path)))
         del model

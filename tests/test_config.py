@@ -36,6 +36,8 @@ def test_file_and_overrides(tmp_path):
         ("optim=3", "optim"),
         ("schedule.kind=sawtooth", "schedule.kind"),
         ("prompts_per_step=10", "mini_batches"),
+        ("model.param_dtype=int8", "model.param_dtype"),
+        ("model.param_dtype=float16", "model.param_dtype"),  # narrower than model.dtype's bfloat16
     ],
 )
 def test_bad_values_name_the_key(override, named):

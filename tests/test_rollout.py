@@ -10,6 +10,7 @@ import importlib.util
 import sys
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
@@ -25,6 +26,7 @@ from siri.rollout import (
     is_truncated,
     make_engine,
 )
+from siri.rollout.base import derive_seed
 from siri.rollout.vllm_engine import named_tensors, rollouts_from_request_output, sampling_params_kwargs
 
 VOCAB = 40
@@ -350,3 +352,9 @@ def test_vllm_engine_end_to_end(tmp_path):
             assert r.logprobs == pytest.approx([log_uniform] * len(r.logprobs), abs=1e-2)
     finally:
         vllm_engine.close()
+
+
+def test_settings_store_integer_scalars_as_int():
+    s = settings(n=np.int64(3), top_k=torch.tensor(5), max_tokens=np.int32(8), seed=np.int64(3))
+    assert [type(v) for v in (s.n, s.top_k, s.max_tokens, s.seed)] == [int] * 4
+    assert derive_seed(s.seed, 0) == derive_seed(3, 0)  # a numpy seed overflowed in the mixing

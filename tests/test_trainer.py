@@ -134,6 +134,25 @@ def test_eval_prints_a_table_and_draws_the_plot(tmp_path, capsys):
     assert (tmp_path / "eval" / "accuracy_vs_length.png").stat().st_size > 0
 
 
+@pytest.mark.parametrize("data_names,match", [
+    (["a/test.jsonl", "b/test.jsonl"], "share a name"),  # one column would silently replace the other
+    (["a/test.jsonl", "missing.jsonl"], "is not a file"),
+])
+def test_eval_checks_every_argument_before_loading_a_model(tmp_path, capsys, data_names, match):
+    from trainer_fixtures import write_problems
+
+    from siri.cli import main
+
+    not_a_model = tmp_path / "empty"  # a directory, but loading it would fail: the checks come first
+    not_a_model.mkdir()
+    data = []
+    for name in data_names:
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        data += ["--data", write_problems(str(tmp_path / name), 2) if "missing" not in name else str(tmp_path / name)]
+    assert main(["eval", "--model", str(not_a_model), *data, "--budget", "6", "--device", "cpu"]) == 2
+    assert match in capsys.readouterr().err
+
+
 def test_a_mini_batch_with_nothing_scored_takes_no_optimizer_step(tmp_path):
     """Every sample masked out (truncated, `reward.mask_truncated`): AdamW on the zero
     gradients would still move the weights by weight decay, so no step may be taken."""

@@ -65,15 +65,17 @@ class SamplingSettings:
     seed: int | None = None
 
     def __post_init__(self):
-        as_int("n", self.n, minimum=1)
         if not self.temperature > 0:  # also rejects NaN
             raise ValueError(f"temperature must be > 0 (greedy decoding is not a rollout), got {self.temperature!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        as_int("top_k", self.top_k, minimum=None)  # <= 0 disables it
-        as_int("max_tokens", self.max_tokens, minimum=1)
+        # Stored as Python ints (the class is frozen, hence object.__setattr__): numpy or torch
+        # integer scalars would reach the seed mixing and transformers' warpers, which take int.
+        minimums = {"n": 1, "top_k": None, "max_tokens": 1}  # top_k <= 0 disables it
         if self.seed is not None:
-            as_int("seed", self.seed, minimum=None)
+            minimums["seed"] = None
+        for name, minimum in minimums.items():
+            object.__setattr__(self, name, as_int(name, getattr(self, name), minimum=minimum))
 
     @classmethod
     def from_config(cls, cfg: RolloutConfig, budget: int, seed: int) -> SamplingSettings:
@@ -221,15 +223,15 @@ def make_engine(cfg: RolloutConfig, *, model, tokenizer, model_path: str, max_bu
     largest response budget the schedule reaches (vLLM sizes its KV cache and rejects
     longer requests with it). `model_path` is the Hugging Face directory vLLM loads its own
     copy from; `dtype` its weight dtype ("bfloat16", ...); `seed` its engine seed. The
-    transformers engine generates with `model` itself and ignores the three.
+    transformers engine generates with `model` itself and ignores the three; vLLM needs no
+    `model` (None: its EOS ids come from the checkpoint at `model_path`).
     """
-    eos = eos_token_ids(tokenizer, model)
     if cfg.engine == "hf":
         from siri.rollout.hf_engine import HFEngine
 
         if model is None:
             raise ValueError("rollout.engine 'hf' generates with the training model: pass model=")
-        return HFEngine(model, tokenizer, cfg.generation_batch_size, eos)
+        return HFEngine(model, tokenizer, cfg.generation_batch_size, eos_token_ids(tokenizer, model))
     if cfg.engine == "vllm":
         from siri.rollout.vllm_engine import VLLMEngine, import_vllm
 
@@ -238,5 +240,5 @@ def make_engine(cfg: RolloutConfig, *, model, tokenizer, model_path: str, max_bu
             raise ValueError("rollout.engine 'vllm' loads the model from a directory: set model.path")
         return VLLMEngine(model_path, max_model_len=max_budget, dtype=dtype,
                           gpu_memory_utilization=cfg.gpu_memory_utilization, enforce_eager=cfg.enforce_eager,
-                          seed=seed, eos_token_ids=eos)
+                          seed=seed, eos_token_ids=eos_token_ids(tokenizer, model) if model is not None else None)
     raise ValueError(f"rollout.engine must be one of ['hf', 'vllm'], got {cfg.engine!r}")

@@ -298,11 +298,9 @@ class VLLMEngine(RolloutEngine):
         llm = self._require_open()
         if not hasattr(llm, "apply_model"):  # vLLM >= 0.10.2 has it; guard a future rename
             raise RuntimeError(f"vLLM {self._vllm.__version__} has no LLM.apply_model: weight sync is not supported")
-        if "weights" in self._asleep:
-            torch.cuda.empty_cache()  # see wake_up
-            llm.wake_up(tags=["weights"])
-            self._asleep.discard("weights")
-        # The trainer's float32 master weights travel in the engine's dtype: half the bytes.
+        self._wake(["weights"])
+        # The trainer's float32 master weights are cast to the engine's dtype one tensor at a
+        # time, on the trainer's side, so vLLM's loaders only ever copy like into like.
         weights = ((name, t.to(self.dtype) if t.is_floating_point() else t) for name, t in named_tensors(model))
 
         def load(vllm_model: torch.nn.Module):
@@ -333,14 +331,18 @@ class VLLMEngine(RolloutEngine):
 
     def wake_up(self) -> None:
         """Re-allocate what `sleep` released (only the parts still asleep)."""
+        self._wake(_SLEEP_TAGS)
+
+    def _wake(self, tags) -> None:
         llm = self._require_open()
-        if not self._asleep:
+        asleep = [tag for tag in tags if tag in self._asleep]
+        if not asleep:
             return
         # vLLM maps its memory outside PyTorch's caching allocator, which still holds the
         # blocks the update freed (activations, logits chunks): hand them back first.
         torch.cuda.empty_cache()
-        llm.wake_up(tags=[tag for tag in _SLEEP_TAGS if tag in self._asleep])
-        self._asleep.clear()
+        llm.wake_up(tags=asleep)
+        self._asleep.difference_update(asleep)
 
     def close(self) -> None:
         """Destroy the engine and free its GPU memory."""
