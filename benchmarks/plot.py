@@ -13,6 +13,8 @@ import argparse
 import json
 import os
 
+from siri.files import write_atomically
+
 
 def shape_label(row: dict) -> str:
     parts = [f"{k}={row[k]}" for k in ("T", "V", "H") if k in row] + [row.get("dtype", "")]
@@ -50,7 +52,7 @@ def plot(results: dict, path: str) -> None:
         ax_floor.legend(fontsize=7)
     fig.suptitle(f"{results['device']} — torch {results['versions']['torch']} — {results['date']}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
 
 

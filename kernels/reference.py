@@ -80,10 +80,11 @@ def per_token_loss(logp, entropy, advantages, old_logprobs, ref_logprobs, rollou
     if cfg.dual_clip is not None:
         dual = -advantages * cfg.dual_clip
         dual_binds = (advantages < 0) & (dual < pg)
+        # At an exact tie torch.minimum splits the gradient between its arguments: half.
+        # Tested against pg before the swap, as the Triton and native kernels do.
+        dual_ties = (advantages < 0) & (dual == pg)
         pg = torch.where(advantages < 0, torch.minimum(pg, dual), pg)
         clip_code = torch.where(dual_binds, CLIP_DUAL, clip_code)
-        # At an exact tie torch.minimum splits the gradient between its arguments: half.
-        dual_ties = (advantages < 0) & (dual == pg)
         dpg_dratio = torch.where(dual_binds, torch.zeros_like(dpg_dratio),
                                  torch.where(dual_ties, 0.5 * dpg_dratio, dpg_dratio))
     in_range = (log_ratio >= -RATIO_LOG_CLAMP) & (log_ratio <= RATIO_LOG_CLAMP)

@@ -14,7 +14,7 @@ import os
 
 from siri.files import write_atomically
 
-__all__ = ["CURVE_METRICS", "TABLE_ROWS", "format_table", "plot_curves", "print_table", "read_metrics"]
+__all__ = ["CURVE_METRICS", "TABLE_ROWS", "format_table", "plot_curves", "read_metrics"]
 
 # (metric key in the trainer's log, axis label), top panel to bottom.
 CURVE_METRICS = (
@@ -29,11 +29,8 @@ TABLE_ROWS = ("base", "constant", "siri_low", "siri_high")
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """The records of a metrics jsonl file, sorted by step.
-
-    A record is either flat (`{"step": 3, "budget": 256, ...}`) or nests its metrics
-    (`{"step": 3, "metrics": {...}}`); both come back flat. Blank lines are skipped.
-    """
+    """The records of a metrics jsonl file (`siri.tracking`'s flat `{"step": 3, "budget":
+    256, ...}` rows), sorted by step. Blank lines are skipped."""
     records = []
     with open(path) as f:
         for line_number, line in enumerate(f, 1):
@@ -42,8 +39,7 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
             record = json.loads(line)
             if "step" not in record:
                 raise ValueError(f"{path}:{line_number}: record has no 'step'")
-            records.append({"step": record["step"], **record.get("metrics", {}),
-                            **{k: v for k, v in record.items() if k != "metrics"}})
+            records.append(record)
     return sorted(records, key=lambda r: r["step"])
 
 
@@ -98,8 +94,3 @@ def format_table(results: dict[str, dict]) -> str:
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in rows]
     return "\n".join(lines)
-
-
-def print_table(results: dict[str, dict]) -> None:
-    """Print `format_table(results)`."""
-    print(format_table(results))

@@ -28,16 +28,21 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
+import torch
+
 from siri.demo.measure import measure
 from siri.demo.model import ModelSize
 from siri.demo.plot import format_table, plot_curves, read_metrics
 from siri.demo.sft import SFTConfig, build_base_model
 from siri.demo.task import TaskConfig, all_problems
+from siri.evaluate import load_model
 from siri.files import write_json_atomically
+from siri.tracking import METRICS_FILE
 
 __all__ = ["FULL", "QUICK", "DemoConfig", "find_checkpoint", "rl_config", "run_demo"]
 
 RUNS = ("constant", "siri")
+CPU = torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -120,20 +125,13 @@ def rl_config(demo: DemoConfig, run: str, output_dir: str, *, progress: bool = T
 def find_checkpoint(run_dir: str, tag: str, occurrence: int = -1) -> str:
     """The `policy/` directory of the `occurrence`-th checkpoint tagged `tag` ("low", "high",
     "final") under `run_dir`, counted in step order (-1: the last)."""
-    from siri.checkpoint import CHECKPOINTS_DIR, POLICY_DIR, parse_checkpoint_name
+    from siri.checkpoint import POLICY_DIR, list_checkpoints, parse_checkpoint_name
 
-    root = os.path.join(run_dir, CHECKPOINTS_DIR)
-    found = sorted((parsed[0], name) for name in (os.listdir(root) if os.path.isdir(root) else [])
-                   if (parsed := parse_checkpoint_name(name)) is not None and parsed[1] == tag)
+    # Complete checkpoints only: a torn one (killed mid-save) is never evaluated.
+    found = [path for path in list_checkpoints(run_dir) if parse_checkpoint_name(os.path.basename(path))[1] == tag]
     if not found or not -len(found) <= occurrence < len(found):
         raise FileNotFoundError(f"{run_dir}: no {tag!r} checkpoint number {occurrence} (found {len(found)})")
-    return os.path.join(root, found[occurrence][1], POLICY_DIR)
-
-
-def _load(path: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    return AutoModelForCausalLM.from_pretrained(path, dtype="float32").eval(), AutoTokenizer.from_pretrained(path)
+    return os.path.join(found[occurrence], POLICY_DIR)
 
 
 def _print(line: str) -> None:
@@ -178,7 +176,7 @@ def run_demo(out_dir: str | os.PathLike, quick: bool = False, *, demo: DemoConfi
             f"truncated {100 * summary['truncation_rate']:.1f}%)")
         return summary
 
-    results: dict = {"base": {**evaluate("base", model), "path": base_dir}}
+    results: dict = {"base": {**evaluate("base", model), "path": os.path.relpath(base_dir, out_dir)}}
     del model
 
     for run in RUNS:
@@ -186,7 +184,7 @@ def run_demo(out_dir: str | os.PathLike, quick: bool = False, *, demo: DemoConfi
         cfg = rl_config(demo, run, run_dir)
         log(f"{clock()} stage 2 ({run}): {demo.rl_steps} RL steps, budget "
             + (f"{demo.l_max}" if run == "constant" else f"cosine {demo.l_max} -> {demo.l_min}, period {demo.period}"))
-        policy, _ = _load(base_dir)  # every run starts from the same base weights
+        policy, _ = load_model(base_dir, CPU, "float32")  # every run starts from the same base weights
         train(cfg, model=policy, tokenizer=tokenizer, train_problems=train_problems, resume=False)
         del policy
 
@@ -197,20 +195,20 @@ def run_demo(out_dir: str | os.PathLike, quick: bool = False, *, demo: DemoConfi
         "siri_high": find_checkpoint(os.path.join(out_dir, "siri"), "high", demo.cycles - 1),
     }
     for name, path in checkpoints.items():
-        model, _ = _load(path)
+        model, _ = load_model(path, CPU, "float32")
         results[name] = {**evaluate(name, model), "path": os.path.relpath(path, out_dir)}
         del model
-    results["base"]["path"] = os.path.relpath(base_dir, out_dir)
 
-    metrics = {run: os.path.join(out_dir, run, "metrics.jsonl") for run in RUNS}
-    plot_curves({"constant": metrics["constant"], "SIRI": metrics["siri"]}, os.path.join(out_dir, "curves.png"))
+    metrics = {run: os.path.join(out_dir, run, METRICS_FILE) for run in RUNS}
+    records = {run: read_metrics(path) for run, path in metrics.items()}
+    plot_curves({"constant": records["constant"], "SIRI": records["siri"]}, os.path.join(out_dir, "curves.png"))
     report = {
         **results,
         "config": {**asdict(demo), "quick": quick, "rl_steps": demo.rl_steps,
                    "eval": {"problems": len(eval_problems), "samples_per_problem": demo.eval_samples,
                             "budget": demo.l_max, "held_out": demo.task.hold_out}},
         "metrics": {run: os.path.relpath(path, out_dir) for run, path in metrics.items()},
-        "rl_final_step": {run: read_metrics(path)[-1] for run, path in metrics.items()},
+        "rl_final_step": {run: rows[-1] for run, rows in records.items()},
         "wall_s": time.perf_counter() - started,
     }
     write_json_atomically(os.path.join(out_dir, "results.json"), report, indent=2)

@@ -44,7 +44,8 @@ import random
 import zlib
 from dataclasses import dataclass
 
-from siri.rewards import extract_answer
+from siri.data import Problem  # the trainer's record, re-exported for the demo's users
+from siri.rewards import is_correct
 
 __all__ = ["SPLITS", "TEST_FRACTION", "DemoDataset", "Problem", "TaskConfig", "Trace", "all_problems", "check_answer",
            "make_problems", "make_traces", "sample_trace"]
@@ -64,7 +65,7 @@ class TaskConfig:
     """
 
     # Two terms: with three or four, the ~1M-parameter model reached only ~53% after minutes of
-    # SFT (it lost track of which term comes next); a two-term sum it learns to >= 80%.
+    # SFT (it lost track of which term comes next); a two-term sum it learns to about 98%.
     min_terms: int = 2
     max_terms: int = 2
     max_value: int = 9  # operands are distinct numbers drawn from 1..max_value
@@ -95,17 +96,6 @@ class Trace:
     checks: int  # redundant lines in `response_text`
 
 
-@dataclass(frozen=True)
-class Problem:
-    """One prompt for RL or evaluation, the record the trainer's data set returns."""
-
-    index: int
-    prompt_ids: list[int]
-    prompt_text: str
-    answer: str
-    source: str
-
-
 class DemoDataset:
     """A list of `Problem`s with the data set interface the trainer uses: `len(ds)`, `ds[i]`."""
 
@@ -126,7 +116,7 @@ def _prompt(terms: list[int]) -> str:
 def _split_of(prompt: str) -> str:
     """"test" for one problem in `TEST_FRACTION`, "train" for the others.
 
-    The problem space is small (about 19k sums with the default config), so seeds alone
+    The problem space is small (72 sums with the default config), so seeds alone
     would not keep evaluation problems out of the SFT corpus; a fixed hash of the prompt
     does. crc32, not `hash`, which Python salts per process.
     """
@@ -225,15 +215,6 @@ def all_problems(tokenizer, cfg: TaskConfig = TaskConfig(), *, split: str = "tes
 
 
 def check_answer(response_text: str, answer: str) -> bool:
-    """Whether the last `\\boxed{}` of `response_text` holds the integer `answer`.
-
-    The fast path for this task, where answers are plain integers; it agrees with
-    `siri.rewards.is_correct` on them without math-verify's worker round trip.
-    """
-    boxed = extract_answer(response_text)
-    if boxed is None:
-        return False
-    try:
-        return int(boxed) == int(answer)
-    except ValueError:
-        return False
+    """Whether the last `\\boxed{}` of `response_text` holds `answer`: the trainer's
+    verdict (`siri.rewards.is_correct`), so the demo scores exactly as RL rewards."""
+    return is_correct(response_text, answer)
