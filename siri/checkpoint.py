@@ -160,19 +160,15 @@ def _remove_stale(root: str) -> None:
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
-def _prune(root: str, keep_last: int) -> None:
+def _prune(output_dir: str | os.PathLike, keep_last: int) -> None:
     """Delete all but the newest `keep_last` untagged complete checkpoints; tagged ones stay."""
-    untagged = []
-    for name in os.listdir(root):
-        parsed = parse_checkpoint_name(name)
-        if parsed is not None and parsed[1] is None and os.path.isfile(os.path.join(root, name, COMPLETE)):
-            untagged.append((parsed[0], name))
-    untagged.sort()
-    for _, name in untagged[:max(len(untagged) - keep_last, 0)]:
+    untagged = [path for path in list_checkpoints(output_dir)
+                if parse_checkpoint_name(os.path.basename(path))[1] is None]
+    for path in untagged[:max(len(untagged) - keep_last, 0)]:
         # Rename first so a kill during the (slow) delete never leaves a half-deleted directory
         # under a checkpoint name; the next save removes the trash.
-        trash = os.path.join(root, _TRASH_PREFIX + name)
-        os.replace(os.path.join(root, name), trash)
+        trash = os.path.join(os.path.dirname(path), _TRASH_PREFIX + os.path.basename(path))
+        os.replace(path, trash)
         shutil.rmtree(trash, ignore_errors=True)
 
 
@@ -267,7 +263,7 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model, tokenize
         os.replace(tmp, final)
         fsync_path(root)  # make the rename itself durable
         _remove_stale(root)
-        _prune(root, keep_last)
+        _prune(output_dir, keep_last)
     _barrier()  # no rank goes on (or loads) before the checkpoint is in place
     return final
 

@@ -116,16 +116,18 @@ def plot_accuracy_vs_length(results: list[EvalResult], path: str) -> None:
     plt.close(fig)
 
 
-def load_model(path: str, device: torch.device, dtype: str, *, weights: bool = True):
-    """(model, tokenizer) of a model directory; the model is None without `weights` (vLLM
-    loads its own copy)."""
+def load_model(path: str, device: torch.device, dtype: str, *, weights: bool = True,
+               attn_implementation: str | None = None):
+    """(model, tokenizer) of a model directory, the model in eval mode; the model is None
+    without `weights` (vLLM loads its own copy)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     if not weights:
         return None, tokenizer
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=TORCH_DTYPES[dtype]).to(device).eval()
-    return model, tokenizer
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=TORCH_DTYPES[dtype],
+                                                 attn_implementation=attn_implementation)
+    return model.to(device).eval(), tokenizer
 
 
 def _data_set_names(data_files: list[str]) -> list[str]:

@@ -29,6 +29,7 @@ from siri.advantages import compute_advantages, dynamic_sampling_mask
 from siri.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from siri.config import TrainConfig, to_dict
 from siri.data import DataCursor, PromptDataset
+from siri.evaluate import load_model
 from siri.model_forward import enable_activation_checkpointing, packed_logprobs, packed_policy_loss
 from siri.packing import Sample, pack, unpack
 from siri.precision import TORCH_DTYPES, compute_context, parameter_dtype
@@ -60,14 +61,10 @@ def build_schedule(cfg: TrainConfig):
 def load_policy(cfg: TrainConfig, device: torch.device):
     """(model, tokenizer) from `model.path`, a local Hugging Face model directory; the
     parameters in `model.param_dtype`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     if not cfg.model.path:
         raise ValueError("model.path must name a local Hugging Face model directory")
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
-    model = AutoModelForCausalLM.from_pretrained(
-        cfg.model.path, dtype=TORCH_DTYPES[cfg.model.param_dtype], attn_implementation=cfg.model.attn_implementation
-    ).to(device)
+    model, tokenizer = load_model(cfg.model.path, device, cfg.model.param_dtype,
+                                  attn_implementation=cfg.model.attn_implementation)
     return model, tokenizer
 
 
@@ -292,7 +289,9 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             steps += 1
         # Weights are globally normalised, so sums over ranks are the mini-batch figures.
-        values = distributed.sum_metrics({name: float(value) for name, value in totals.items()}, self.dist)
+        names = list(totals)  # one device-to-host transfer for all of them
+        host = torch.stack([totals[n].double() for n in names]).tolist() if names else []
+        values = distributed.sum_metrics(dict(zip(names, host)), self.dist)
         weight = values.pop("weight", 0.0)
         metrics = {name: value / weight if weight > 0 else 0.0 for name, value in values.items() if name != "loss"}
         metrics["loss"] = values.get("loss", 0.0) / max(steps, 1)
