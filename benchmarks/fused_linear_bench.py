@@ -2,7 +2,9 @@
 
 Methods, all measured in the same process:
 - siri-fused: `fused_linear_policy_loss`, chunked, the [T, V] logits never built;
-- siri-logits: logits = hidden @ weight.T materialised, then siri's fused `policy_loss`;
+- siri-logits: logits = hidden @ weight.T materialised, then siri's fused `policy_loss` with
+  its default out-of-place gradient (`inplace_backward=True` would reuse the logits'
+  buffer, about one [T, V] less: not measured here);
 - naive: the same in plain PyTorch (matmul, log_softmax, gather, loss, autograd);
 - compile: `torch.compile` of naive.
 
