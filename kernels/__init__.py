@@ -1,6 +1,6 @@
 """siri.kernels: fused log-prob, entropy and clipped policy-gradient loss over packed tokens.
 
-Public API (DESIGN.md):
+Public API (docs/design.md):
 
     token_logprobs(logits, targets, *, temperature=1.0, return_entropy=False, backend="auto")
     policy_loss(logits, targets, advantages, weights, *, old_logprobs=None, ...) -> PolicyLossOutput

@@ -53,7 +53,7 @@ def check_loss_settings(
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Scalar settings of `policy_loss`, as DESIGN.md defines them."""
+    """Scalar settings of `policy_loss`, as docs/design.md defines them."""
 
     temperature: float = 1.0
     clip_low: float = 0.2

@@ -1,4 +1,4 @@
-"""The PyTorch reference of every formula in DESIGN.md, differentiable by autograd.
+"""The PyTorch reference of every formula in docs/design.md, differentiable by autograd.
 
 This is the oracle of the tests (run in float64) and the body of the chunked "torch"
 backend (run in float32, one block of rows at a time). It computes in the dtype of the
@@ -122,7 +122,7 @@ def policy_loss_reference(
     rollout_logprobs=None,
     cfg: LossConfig = LossConfig(),
 ) -> ReferenceOutput:
-    """DESIGN.md's policy loss by the book. Rows with weight 0 read no target and give zeros."""
+    """docs/design.md's policy loss by the book. Rows with weight 0 read no target and give zeros."""
     active = weights != 0
     safe_targets = torch.where(active, targets, torch.zeros_like(targets))
     logp, entropy, _ = logprobs_and_entropy(logits, safe_targets, cfg.temperature)

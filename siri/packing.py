@@ -1,4 +1,4 @@
-"""From rollouts to packed, variable-length micro-batches (DESIGN.md, "siri.packing").
+"""From rollouts to packed, variable-length micro-batches (docs/design.md, "siri.packing").
 
 A mini-batch (all the rollouts of one optimizer step) is cut into micro-batches of at most
 ``max_tokens`` tokens each. Inside a micro-batch the samples are concatenated into one

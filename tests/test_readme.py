@@ -32,3 +32,20 @@ def test_quick_start_gives_the_two_commands_and_ci_runs_the_test_one():
     assert "./run test" in ci_lines
     # The test verb runs the same pytest command the README shows for a hand-made setup.
     assert "test) exec python -m pytest tests -q" in (ROOT / "run").read_text()
+
+
+# A repository path as documents write it: a top-level folder, then a file with an extension.
+_REPO_PATH = re.compile(r"\b(?:kernels|siri|csrc|benchmarks|tests|docs|configs)/[\w./-]*\w\.(?:py|md|yaml|sh|cpp|cu|h|json)\b")
+
+
+def test_documents_and_docstrings_cite_only_files_the_repository_has():
+    sources = [*ROOT.glob("*.md"), *ROOT.glob("docs/*.md"), *ROOT.glob("benchmarks/*.md")]
+    for folder in ("kernels", "siri", "benchmarks", "tests"):
+        sources += (ROOT / folder).rglob("*.py")
+    missing = sorted({
+        f"{source.relative_to(ROOT)}: {path}"
+        for source in sources
+        for path in _REPO_PATH.findall(source.read_text())
+        if not (ROOT / path).exists()
+    })
+    assert not missing, missing

@@ -1,4 +1,4 @@
-"""siri.schedule against the formulas of DESIGN.md (paper §4.3), written out independently."""
+"""siri.schedule against the formulas of docs/design.md (paper §4.3), written out independently."""
 
 import json
 import math
@@ -12,7 +12,7 @@ PERIODIC = ("cosine", "stair", "stair-cosine")
 
 
 def formula(kind, t, l_max, l_min, T):
-    """The unrounded budget, straight from DESIGN.md, with φ in radians."""
+    """The unrounded budget, straight from docs/design.md, with φ in radians."""
     phi = 2 * math.pi * (t % T) / T
     mid, amp = (l_max + l_min) / 2, (l_max - l_min) / 2
     if kind == "cosine":

@@ -15,7 +15,7 @@ before the top-k/top-p masking, one step at a time: asking `generate` for
 for Qwen's 151,936-token vocabulary at 512 sequences, for thousands of steps.
 
 Log-probs. `logprobs[i] = log_softmax(logits / temperature)[response_ids[i]]` over the full
-vocabulary, before top-k/top-p: the `logp_t` of DESIGN.md, the quantity the trainer
+vocabulary, before top-k/top-p: the `logp_t` of docs/design.md, the quantity the trainer
 recomputes. vLLM reports, with the `processed_logprobs` mode VLLMEngine selects, the
 log-prob after top-k/top-p renormalisation instead; the two agree exactly when top-k and
 top-p are off (SIRI's setting), and differ by log(kept probability mass) otherwise.
