@@ -1,8 +1,9 @@
 """The scalar settings of the policy loss, validated once and shared by every backend.
 
 Every field is a runtime value for the kernels (changing one never recompiles) except the
-feature switches derived from them (`has_dual_clip`, `has_tis`, `has_entropy_grad`), which
-the Triton and native kernels specialise on.
+feature switches derived from them (`has_dual_clip`, `has_entropy_grad`), which the Triton
+and native kernels specialise on. Truncated importance sampling is a switch too, but it also
+needs `rollout_logprobs`, a tensor, so each backend derives it at the call.
 """
 
 from __future__ import annotations
