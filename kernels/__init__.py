@@ -8,7 +8,7 @@ Public API (docs/design.md):
                              chunk_size=None) -> PolicyLossOutput   (never builds [T, V] logits)
     fused_linear_token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0,
                                 return_entropy=False)
-    available_backends()
+    available_backends(), get_backend(name)
 
 Backends: "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "cuda" and "cpu" (the native
 extension `siri._C`, when built), "torch" (the chunked PyTorch reference, always present).
@@ -20,7 +20,7 @@ extension `siri._C`, when built), "torch" (the chunked PyTorch reference, always
 # package, which transformers probes by importing it. Under that name the package stays
 # empty: the probe then finds no version and moves on, and no op is registered twice.
 if __name__ == "siri.kernels":
-    from .backends import available_backends
+    from .backends import available_backends, get_backend
     from .fused_linear import fused_linear_policy_loss, fused_linear_token_logprobs
     from .policy_loss import PolicyLossOutput, policy_loss
     from .token_logprobs import token_logprobs
@@ -30,6 +30,7 @@ __all__ = [
     "available_backends",
     "fused_linear_policy_loss",
     "fused_linear_token_logprobs",
+    "get_backend",
     "policy_loss",
     "token_logprobs",
 ]

@@ -96,6 +96,17 @@ def available_backends() -> list[str]:
     return [name for name in BACKEND_NAMES if _load(name) is not None]
 
 
+def get_backend(name: str) -> Backend:
+    """The Backend called `name` (one of `available_backends()`), for benchmarks and tests that
+    call its entry points directly; `backend.supports_device(device)` says where it runs."""
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {list(BACKEND_NAMES)}, got {name!r}")
+    found = _load(name)
+    if found is None:
+        raise ValueError(f"backend={name!r} is not available here; available: {available_backends()}")
+    return found
+
+
 def _auto_order(device: torch.device) -> tuple[str, ...]:
     # On a GPU the Triton kernel comes first: no GPU measurement of the native CUDA kernel
     # exists yet to rank it higher. On a CPU the native C++ backend beats the chunked

@@ -1,5 +1,8 @@
 """The "triton" backend: launchers of the kernels in `triton_kernels.py`.
 
+Every launch goes through `triton_launches.py`, which declares each kernel's arguments and
+switches for the offline compile check.
+
 Runs on CUDA tensors, and on CPU tensors under the Triton interpreter
 (`TRITON_INTERPRET=1`), which is how the CPU-only test suite exercises every kernel.
 """
@@ -16,13 +19,8 @@ from .config import RATIO_LOG_CLAMP, LossConfig
 try:
     import triton
 
-    from .triton_kernels import (
-        block_size_and_warps,
-        logprob_backward_kernel,
-        logprob_kernel,
-        policy_loss_kernel,
-        scale_unless_one_kernel,
-    )
+    from .triton_kernels import block_size_and_warps
+    from .triton_launches import LOGPROB, LOGPROB_BACKWARD, POLICY_LOSS, SCALE_UNLESS_ONE
 except ImportError:  # triton is optional: the backend reports itself unavailable
     triton = None
 
@@ -47,11 +45,10 @@ def policy_loss_rows(
     num_rows, vocab = logits.shape
     if num_rows == 0:
         return
-    block, warps = block_size_and_warps(vocab)
     has_tis = rollout is not None and cfg.tis_cap is not None
     grad = logits if grad_logits is None else grad_logits
-    policy_loss_kernel[(num_rows,)](
-        logits, logits.stride(0), grad, grad.stride(0),
+    POLICY_LOSS(
+        (num_rows,), vocab, logits, logits.stride(0), grad, grad.stride(0),
         targets, advantages, weights, _or(old, weights), _or(ref, weights), _or(rollout, weights),
         out.logprobs, out.entropy, out.loss, out.kl, out.clipped,
         vocab, 1.0 / cfg.temperature, cfg.clip_low, cfg.clip_high,
@@ -59,7 +56,7 @@ def policy_loss_rows(
         cfg.tis_cap if has_tis else 0.0, RATIO_LOG_CLAMP,
         HAS_OLD=old is not None, HAS_REF=ref is not None, KL_ESTIMATOR=cfg.kl_estimator_id,
         HAS_DUAL_CLIP=cfg.has_dual_clip, HAS_TIS=has_tis, HAS_ENTROPY_GRAD=cfg.has_entropy_grad,
-        COMPUTE_GRAD=grad_logits is not None, BLOCK_V=block, num_warps=warps,
+        COMPUTE_GRAD=grad_logits is not None,
     )
 
 
@@ -67,10 +64,9 @@ def logprob_rows(logits, targets, temperature, logprobs, entropy, lse):
     num_rows, vocab = logits.shape
     if num_rows == 0:
         return
-    block, warps = block_size_and_warps(vocab)
-    logprob_kernel[(num_rows,)](
-        logits, logits.stride(0), targets, logprobs, _or(entropy, lse), lse,
-        vocab, 1.0 / temperature, WITH_ENTROPY=entropy is not None, BLOCK_V=block, num_warps=warps,
+    LOGPROB(
+        (num_rows,), vocab, logits, logits.stride(0), targets, logprobs, _or(entropy, lse), lse,
+        vocab, 1.0 / temperature, WITH_ENTROPY=entropy is not None,
     )
 
 
@@ -78,12 +74,11 @@ def logprob_backward(logits, targets, temperature, lse, logprobs, entropy, grad_
     num_rows, vocab = logits.shape
     if num_rows == 0:
         return
-    block, warps = block_size_and_warps(vocab)
     has_grad_entropy = grad_entropy is not None
-    logprob_backward_kernel[(num_rows,)](
-        logits, logits.stride(0), grad_logits, grad_logits.stride(0), targets, lse,
+    LOGPROB_BACKWARD(
+        (num_rows,), vocab, logits, logits.stride(0), grad_logits, grad_logits.stride(0), targets, lse,
         _or(entropy, lse), grad_logprobs, _or(grad_entropy, lse), vocab, 1.0 / temperature,
-        HAS_GRAD_ENTROPY=has_grad_entropy, BLOCK_V=block, num_warps=warps,
+        HAS_GRAD_ENTROPY=has_grad_entropy,
     )
 
 
@@ -92,9 +87,8 @@ def scale_unless_one_(grad: torch.Tensor, scale: torch.Tensor) -> None:
     num_rows, vocab = grad.shape
     if num_rows == 0 or vocab == 0:
         return
-    block, warps = block_size_and_warps(vocab)
-    grid = (num_rows, triton.cdiv(vocab, block))
-    scale_unless_one_kernel[grid](grad, grad.stride(0), scale, vocab, BLOCK_V=block, num_warps=warps)
+    block, _ = block_size_and_warps(vocab)
+    SCALE_UNLESS_ONE((num_rows, triton.cdiv(vocab, block)), vocab, grad, grad.stride(0), scale, vocab)
 
 
 def make_backend(name: str) -> Backend | None:

@@ -28,7 +28,9 @@ MAX_BLOCK_V = 8192
 
 # Running maximum's starting value: finite, so that exp(start - m) is exactly 0 and
 # (start - m) * 0 is 0 rather than the NaN that -inf would give on the first merge.
-_NEG_START = -1e30
+# A global read inside @triton.jit must be a tl.constexpr: the compiler rejects any other
+# (the interpreter does not), and the disk cache's key would not cover its value.
+_NEG_START = tl.constexpr(-1e30)
 
 
 def block_size_and_warps(vocab: int) -> tuple[int, int]:

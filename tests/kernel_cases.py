@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from siri.kernels import available_backends, get_backend
 from siri.kernels.config import LossConfig
 from siri.kernels.reference import policy_loss_reference
 
@@ -29,6 +30,11 @@ OPTION_SETS = {
 }
 
 _TENSOR_FLAGS = ("old", "ref", "rollout")
+
+
+def backends_on(device) -> list[str]:
+    """Names of the backends present here that run on `device`."""
+    return [name for name in available_backends() if get_backend(name).supports_device(device)]
 
 
 def make_case(num_rows, vocab, dtype, options, *, seed, device="cpu", target_dtype=torch.int64):

@@ -3,14 +3,13 @@
 import pytest
 import torch
 from conftest import DEVICE
-from kernel_cases import OPTION_SETS, assert_close_to_oracle, loss_config, make_case
+from kernel_cases import OPTION_SETS, assert_close_to_oracle, backends_on, loss_config, make_case
 
 from siri.kernels import fused_linear_policy_loss, fused_linear_token_logprobs
-from siri.kernels.backends import BACKEND_NAMES, _load
 from siri.kernels.fused_linear import default_chunk_size
 from siri.kernels.reference import logprobs_and_entropy, policy_loss_reference
 
-BACKENDS = [name for name in BACKEND_NAMES if _load(name) is not None and _load(name).supports_device(DEVICE)]
+BACKENDS = backends_on(DEVICE)
 
 
 def make_linear(num_rows, hidden_size, vocab, dtype, seed, with_bias):

@@ -9,6 +9,7 @@ from kernel_cases import (
     ATOL,
     OPTION_SETS,
     assert_close_to_oracle,
+    backends_on,
     interpreter_truncates_bf16,
     loss_config,
     make_case,
@@ -16,11 +17,11 @@ from kernel_cases import (
     reference_outputs,
 )
 
-from siri.kernels import policy_loss
-from siri.kernels.backends import BACKEND_NAMES, RowOutputs, _load
+from siri.kernels import get_backend, policy_loss
+from siri.kernels.backends import RowOutputs
 from siri.kernels.reference import policy_loss_reference
 
-BACKENDS = [name for name in BACKEND_NAMES if _load(name) is not None and _load(name).supports_device(DEVICE)]
+BACKENDS = backends_on(DEVICE)
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -106,7 +107,7 @@ def test_backend_fills_poisoned_outputs(backend):
     out = RowOutputs(*(torch.full((29,), float("nan"), device=DEVICE) for _ in range(5)))
     grad = torch.full_like(logits, float("nan"))
     f32 = lambda t: None if t is None else t.float()  # noqa: E731
-    _load(backend).policy_loss_rows(
+    get_backend(backend).policy_loss_rows(
         logits, targets, advantages, weights, f32(kw.get("old_logprobs")), f32(kw.get("ref_logprobs")),
         f32(kw.get("rollout_logprobs")), loss_config(kw), out, grad,
     )

@@ -3,13 +3,12 @@
 import pytest
 import torch
 from conftest import DEVICE
-from kernel_cases import assert_close_to_oracle, interpreter_truncates_bf16
+from kernel_cases import assert_close_to_oracle, backends_on, interpreter_truncates_bf16
 
-from siri.kernels import token_logprobs
-from siri.kernels.backends import BACKEND_NAMES, _load
+from siri.kernels import get_backend, token_logprobs
 from siri.kernels.reference import logprobs_and_entropy
 
-BACKENDS = [name for name in BACKEND_NAMES if _load(name) is not None and _load(name).supports_device(DEVICE)]
+BACKENDS = backends_on(DEVICE)
 
 
 def make_inputs(num_rows, vocab, dtype, seed):
@@ -60,7 +59,7 @@ def test_logprobs_only_gradient(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_backend_fills_poisoned_outputs(backend):
     logits, targets, grad_logp, grad_ent = make_inputs(9, 333, torch.bfloat16, seed=4)
-    impl = _load(backend)
+    impl = get_backend(backend)
     logp, ent, lse = (torch.full((9,), float("nan"), device=DEVICE) for _ in range(3))
     impl.logprob_rows(logits, targets, 1.0, logp, ent, lse)
     grad = torch.full_like(logits, float("nan"))
