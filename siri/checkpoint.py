@@ -16,6 +16,13 @@ files are fsynced, `COMPLETE` is written, and the directory is renamed into plac
 old set of checkpoints or the old set plus the new complete one; stale temporary
 directories are removed by the next save.
 
+Damage: a complete checkpoint whose files cannot be read (a truncated weights, optimizer
+or RNG file, a missing scheduler file, an empty `trainer_state.json`: a disk that filled
+up, a copy cut short) is found by `checkpoint_problem` without loading it. `resume_point`
+passes over such checkpoints to the newest intact one and returns what it skipped and why;
+`set_aside` renames a damaged one to `checkpoints/damaged-step-...`, where nothing prunes,
+overwrites or resumes from it, and nothing deletes it.
+
 Under torch.distributed (initialised process group) rank 0 writes the policy, tokenizer,
 scheduler and trainer state, every rank writes its own optimizer and RNG files, and
 barriers order the phases; the checkpoint directory must be on a file system all ranks
@@ -45,6 +52,7 @@ LR_SCHEDULER = "lr_scheduler.pt"
 TAGS = ("low", "high", "final")
 _TMP_PREFIX = ".tmp-"
 _TRASH_PREFIX = ".trash-"
+DAMAGED_PREFIX = "damaged-"
 _NAME = re.compile(r"^step-(\d{7,})(?:-(" + "|".join(TAGS) + r"))?$")
 
 
@@ -337,6 +345,102 @@ def load_policy_weights(model: torch.nn.Module, policy_dir: str | os.PathLike) -
         model.load_state_dict(state, strict=False)
 
 
+def _readable_json(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            state = json.load(handle)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        return f"{os.path.basename(path)} is unreadable ({error})"
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        return f"{os.path.basename(path)} holds no trainer state (no integer 'step')"
+    return None
+
+
+def _readable_torch(path: str) -> str | None:
+    try:
+        # mmap: reading the index of the archive is enough to find a cut-short file, and a
+        # multi-gigabyte optimizer state is not read twice.
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (OSError, RuntimeError, EOFError, ValueError) as error:
+        return f"{os.path.basename(path)} is unreadable ({str(error).splitlines()[0]})"
+    return None
+
+
+def _readable_weights(policy: str) -> str | None:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        files = _weight_files(policy)
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as error:
+        return f"{POLICY_DIR}/ has no readable weights ({error})"
+    for path in files:
+        try:
+            with safe_open(path, "pt") as handle:  # checks the header covers the whole file
+                handle.keys()
+        except (OSError, SafetensorError) as error:
+            return f"{POLICY_DIR}/{os.path.basename(path)} is unreadable ({error})"
+    return None
+
+
+def checkpoint_problem(path: str | os.PathLike, rank: int = 0) -> str | None:
+    """Why the complete checkpoint at `path` cannot be resumed by `rank`, naming the file;
+    None when every file it needs is present and readable.
+
+    Reads each file's structure (JSON, the archive index of the `.pt` files, the safetensors
+    headers against the file sizes), not the tensors: a truncated or missing file is found,
+    a bit flipped inside a tensor is not.
+    """
+    path = os.fspath(path)
+    for file_name in (TRAINER_STATE, LR_SCHEDULER, _optimizer_file(rank), _rng_file(rank)):
+        if not os.path.isfile(os.path.join(path, file_name)):
+            return f"{file_name} is missing"
+    return (_readable_json(os.path.join(path, TRAINER_STATE))
+            or _readable_weights(os.path.join(path, POLICY_DIR))
+            or next((problem for problem in (_readable_torch(os.path.join(path, name)) for name in (
+                LR_SCHEDULER, _optimizer_file(rank), _rng_file(rank))) if problem), None))
+
+
+def resume_point(output_dir: str | os.PathLike, rank: int = 0) -> tuple[str | None, list[tuple[str, str]]]:
+    """The newest complete checkpoint every rank can read, and the newer ones passed over.
+
+    Returns (path or None, [(path, why), ...] newest first). Under torch.distributed every
+    rank must call this; they agree on the checkpoint (one damaged on any rank is skipped).
+    """
+    skipped = []
+    for path in reversed(list_checkpoints(output_dir)):
+        problem = checkpoint_problem(path, rank)
+        if _all_ok(problem is None):
+            return path, skipped
+        skipped.append((path, problem or "a file of another rank is damaged"))
+    return None, skipped
+
+
+def set_aside(path: str | os.PathLike, is_main: bool = True) -> str:
+    """Rename the damaged checkpoint `path` to `damaged-<name>` beside it (a numbered
+    `damaged-<name>.2`, ... if taken) and return the new path. Nothing in siri deletes,
+    prunes or resumes from it; the user may inspect or remove it. Under torch.distributed
+    every rank calls this and rank 0 renames."""
+    path = os.fspath(path)
+    root, name = os.path.split(path)
+    target = os.path.join(root, DAMAGED_PREFIX + name)
+    number = 1
+    while os.path.exists(target):
+        number += 1
+        target = os.path.join(root, f"{DAMAGED_PREFIX}{name}.{number}")
+    _barrier()  # every rank named the target before it exists
+    if is_main:
+        os.replace(path, target)
+        fsync_path(root)
+    _barrier()
+    return target
+
+
+def read_trainer_state(path: str | os.PathLike) -> dict:
+    """The trainer state saved in the checkpoint at `path` (step, schedule, cursor, config)."""
+    with open(os.path.join(os.fspath(path), TRAINER_STATE), encoding="utf-8") as handle:
+        return json.load(handle)
+
+
 def load_checkpoint(path: str | os.PathLike, *, model, optimizer, lr_scheduler, rank: int = 0) -> dict:
     """Restore a checkpoint written by `save_checkpoint`; return its trainer state.
 
@@ -359,7 +463,6 @@ def load_checkpoint(path: str | os.PathLike, *, model, optimizer, lr_scheduler, 
     optimizer.load_state_dict(torch.load(os.path.join(path, _optimizer_file(rank)), map_location="cpu",
                                          weights_only=True))
     lr_scheduler.load_state_dict(torch.load(os.path.join(path, LR_SCHEDULER), map_location="cpu", weights_only=True))
-    with open(os.path.join(path, TRAINER_STATE)) as handle:
-        trainer_state = json.load(handle)
+    trainer_state = read_trainer_state(path)
     set_rng_state(torch.load(os.path.join(path, _rng_file(rank)), map_location="cpu", weights_only=True))
     return trainer_state

@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from siri.packing import Sample, loss_normaliser, pack
 
 
 @dataclass
@@ -135,18 +138,10 @@ def max_value(value: float, state: DistState) -> float:
     return float(_all_reduce(torch.tensor([value], dtype=torch.float64), state, dist.ReduceOp.MAX)[0])
 
 
-def weight_normaliser(samples, loss_agg: str, mask_truncated: bool) -> int:
-    """What `siri.packing` divides by: scored tokens (token-mean) or scored samples."""
-    counted = [s for s in samples if len(s.response_ids) > 0 and not (mask_truncated and s.truncated)]
-    if loss_agg == "token-mean":
-        return sum(len(s.response_ids) for s in counted)
-    return len(counted)
-
-
 def global_normaliser(samples, loss_agg: str, mask_truncated: bool, state: DistState) -> tuple[int, float]:
     """This rank's loss normaliser of a mini-batch and its sum over all ranks (the same
     number without torchrun)."""
-    local = weight_normaliser(samples, loss_agg, mask_truncated)
+    local = loss_normaliser(samples, loss_agg, mask_truncated)
     if not state.enabled:
         return local, float(local)
     return local, float(_all_reduce(torch.tensor([local], dtype=torch.float64), state, dist.ReduceOp.SUM)[0])
@@ -176,8 +171,6 @@ def pad_micro_batches(batches, samples, state: DistState):
 def _zero_weight_batch(template, samples):
     """A micro-batch that runs the model (so FSDP's collectives line up) and scores nothing."""
     if template is None:
-        from siri.packing import Sample, pack
-
         token = samples[0].prompt_ids[0] if samples else 0
         # Every log-prob field, so the loss accepts it whatever the options need (tis_cap
         # needs rollout log-probs, kl_coef reference ones); with weight 0 their values never count.
@@ -192,8 +185,11 @@ def loss_scale(state: DistState) -> float:
     return float(state.world_size)
 
 
-def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+def clip_grad_norm(model: torch.nn.Module, max_norm: float | None) -> torch.Tensor:
+    """The global gradient norm before clipping, as a 0-dim tensor on the device (no host
+    transfer); the gradients are scaled down to `max_norm` when it is exceeded, and left as
+    they are with `max_norm` None."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf if max_norm is None else max_norm)
     if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
         norm = norm.full_tensor()
-    return float(norm)
+    return norm.detach()

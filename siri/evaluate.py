@@ -18,8 +18,9 @@ import torch
 from siri.checks import as_int
 from siri.config import DataConfig, RolloutConfig
 from siri.data import PromptDataset
-from siri.files import write_atomically, write_json_atomically
-from siri.precision import TORCH_DTYPES
+from siri.errors import UserError
+from siri.files import check_output_dir, write_atomically, write_json_atomically
+from siri.models import check_model_dir, load_model, load_tokenizer
 from siri.rewards import length_capped_reward, score_batch
 from siri.rollout import SamplingSettings, make_engine
 
@@ -116,27 +117,13 @@ def plot_accuracy_vs_length(results: list[EvalResult], path: str) -> None:
     plt.close(fig)
 
 
-def load_model(path: str, device: torch.device, dtype: str, *, weights: bool = True,
-               attn_implementation: str | None = None):
-    """(model, tokenizer) of a model directory, the model in eval mode; the model is None
-    without `weights` (vLLM loads its own copy)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if not weights:
-        return None, tokenizer
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=TORCH_DTYPES[dtype],
-                                                 attn_implementation=attn_implementation)
-    return model.to(device).eval(), tokenizer
-
-
 def _data_set_names(data_files: list[str]) -> list[str]:
     """Each file's name without its extension: the table's column; two alike are an error
     (one data set would silently replace the other)."""
     names = [os.path.splitext(os.path.basename(f))[0] for f in data_files]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
-        raise ValueError(f"data: files {repeated} share a name; rename them so each data set has its own column")
+        raise UserError(f"data: files {repeated} share a name; rename them so each data set has its own column")
     return names
 
 
@@ -151,23 +138,33 @@ def run_eval(models: list[str], data_files: list[str], *, budget: int, k: int, o
              seed: int = 0) -> list[EvalResult]:
     """Evaluate each model directory on each data file; print the table, save JSON and PNG."""
     if not models:
-        raise ValueError("models: give at least one model directory")
+        raise UserError("models: give at least one model directory")
     if not data_files:
-        raise ValueError("data: give at least one jsonl or parquet file")
+        raise UserError("data: give at least one jsonl or parquet file")
     # Every argument is checked before the first model loads, not after hours of evaluation.
-    for path in models:
-        if not os.path.isdir(path):
-            raise ValueError(f"model {path!r} is not a directory")
     for path in data_files:
         if not os.path.isfile(path):
-            raise ValueError(f"data {path!r} is not a file")
+            raise UserError(f"data {path!r} is not a file")
     names = _data_set_names(data_files)
-    as_int("budget", budget, minimum=1)
-    as_int("k", k, minimum=1)
+    for path in models:
+        check_model_dir("model", path)
+    for name, value in (("budget", budget), ("k", k)):
+        try:
+            as_int(name, value, minimum=1)
+        except ValueError as error:
+            raise UserError(str(error)) from None
+    if out_dir:
+        check_output_dir("out", out_dir)
     results = []
     for path in models:
-        model, tokenizer = load_model(path, device, dtype, weights=rollout_cfg.engine == "hf")
+        tokenizer = load_tokenizer(path)
         datasets = {name: PromptDataset([f], tokenizer, data_cfg) for name, f in zip(names, data_files)}
+        for name, f in zip(names, data_files):
+            if len(datasets[name]) == 0:
+                dropped = datasets[name].num_dropped
+                why = f"all {dropped} prompts are longer than --max-prompt-length" if dropped else "no problem"
+                raise UserError(f"data {f!r} holds {why}: there is nothing to evaluate")
+        model, tokenizer = load_model(path, device, dtype, weights=rollout_cfg.engine == "hf", tokenizer=tokenizer)
         results.append(evaluate_model(model, tokenizer, datasets, budget=budget, k=k, rollout_cfg=rollout_cfg,
                                       seed=seed, model_path=path, dtype=dtype, name=model_name(path)))
         del model

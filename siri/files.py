@@ -1,5 +1,6 @@
 """Writing what a user keeps (results, plots, run ids) so that a crash never loses it.
 
+`check_output_dir` refuses a folder that could never be created (a file is in the way).
 Each file is written under a temporary name beside its final one, flushed to disk and
 renamed over it (`os.replace`, atomic on POSIX): a kill at any point leaves the old file or
 the new one, never a torn one. Checkpoint directories get the same treatment in
@@ -12,7 +13,23 @@ import json
 import os
 from collections.abc import Callable
 
-__all__ = ["fsync_path", "write_atomically", "write_json_atomically", "write_text_atomically"]
+from siri.errors import UserError
+
+__all__ = ["check_output_dir", "fsync_path", "write_atomically", "write_json_atomically", "write_text_atomically"]
+
+
+def check_output_dir(key: str, path: str) -> None:
+    """UserError naming `key` unless `path` is, or can become, a directory: neither it nor
+    any parent is a regular file (checked before any work, not at the first write)."""
+    target = probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            return
+        probe = parent
+    if not os.path.isdir(probe):
+        where = "is" if probe == target else f"is under {probe!r}, which is"
+        raise UserError(f"{key} {path!r} {where} a file, not a directory")
 
 
 def fsync_path(path: str) -> None:

@@ -48,7 +48,7 @@ import torch
 
 from siri.checks import as_int
 
-__all__ = ["LOSS_AGGS", "PackedBatch", "Sample", "pack", "unpack"]
+__all__ = ["LOSS_AGGS", "PackedBatch", "Sample", "loss_normaliser", "pack", "unpack"]
 
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 LOGPROB_FIELDS = ("old_logprobs", "ref_logprobs", "rollout_logprobs")
@@ -187,6 +187,10 @@ def _as_array(name: str, value, *, integer: bool) -> np.ndarray:
     if integer:
         if array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.integer):
             raise ValueError(f"{name} must hold integer token ids, got dtype {array.dtype}")
+        if array.dtype.kind == "u" and array.max() > np.iinfo(np.int64).max:
+            # The int64 cast below would wrap these to negative ids.
+            raise ValueError(f"{name} holds token ids >= 2**63 (first at "
+                             f"{int(np.argmax(array > np.iinfo(np.int64).max))})")
         if (array < 0).any():
             raise ValueError(f"{name} holds negative token ids (first at {int(np.argmax(array < 0))})")
         return array.astype(np.int64, copy=False)
@@ -274,33 +278,53 @@ def _check_logprobs_all_or_none(checked: list[_Checked]) -> dict[str, bool]:
 # Loss aggregation weights.
 
 
+def _counted(lengths: np.ndarray, truncated: np.ndarray, mask_truncated: bool) -> np.ndarray:
+    """Which samples count in the loss normaliser: those that score at least one token, a
+    non-empty response and, under ``mask_truncated``, not truncated."""
+    counted = lengths > 0
+    if mask_truncated:
+        counted &= ~truncated
+    return counted
+
+
+def _normaliser(lengths: np.ndarray, counted: np.ndarray, loss_agg: str) -> float:
+    """What the weights divide by: the counted tokens (token-mean) or the counted samples."""
+    return float(lengths[counted].sum()) if loss_agg == "token-mean" else float(counted.sum())
+
+
+def loss_normaliser(samples: Sequence[Sample], loss_agg: str, mask_truncated: bool) -> int:
+    """The normaliser `pack` divides the loss weights of `samples` by: the scored response
+    tokens for token-mean, the scored samples otherwise (module docstring). Data-parallel
+    ranks sum it over their shares to normalise by the global figure (siri.distributed)."""
+    lengths = np.array([len(s.response_ids) for s in samples], dtype=np.float64)
+    truncated = np.array([bool(s.truncated) for s in samples], dtype=bool)
+    return int(_normaliser(lengths, _counted(lengths, truncated, mask_truncated), loss_agg))
+
+
 def _sample_weights(checked: list[_Checked], loss_agg: str, mask_truncated: bool,
                     loss_norm_length: float | None) -> np.ndarray:
     """Per-sample weight of each of its response tokens, float64 [num_samples].
 
-    A sample counts in the normaliser when it scores at least one token: a non-empty
-    response, and not truncated under ``mask_truncated``. Masked samples are excluded from
-    both the token count and the sample count, as DAPO's overlong filtering does in verl
-    (it zeroes their response mask before the aggregation): the loss is then the mean
-    over the rollouts that are kept, and its scale does not shrink as more rollouts hit
-    the budget. When nothing counts, every weight is 0 (a zero loss, not a NaN).
+    A sample counts in the normaliser when it scores at least one token (`_counted`).
+    Masked samples are excluded from both the token count and the sample count, as DAPO's
+    overlong filtering does in verl (it zeroes their response mask before the aggregation):
+    the loss is then the mean over the rollouts that are kept, and its scale does not shrink
+    as more rollouts hit the budget. When nothing counts, every weight is 0 (a zero loss,
+    not a NaN).
     """
     lengths = np.array([c.response.shape[0] for c in checked], dtype=np.float64)
-    counted = lengths > 0
-    if mask_truncated:
-        counted &= ~np.array([c.truncated for c in checked], dtype=bool)
+    counted = _counted(lengths, np.array([c.truncated for c in checked], dtype=bool), mask_truncated)
     num_counted = int(counted.sum())
     weights = np.zeros(len(checked), dtype=np.float64)
     if num_counted == 0:
         return weights
-    if loss_agg == "token-mean":
-        weights[counted] = 1.0 / lengths[counted].sum()
+    normaliser = _normaliser(lengths, counted, loss_agg)
+    if loss_agg in ("token-mean", "seq-mean-token-sum"):
+        weights[counted] = 1.0 / normaliser
     elif loss_agg == "seq-mean-token-mean":
-        weights[counted] = 1.0 / (num_counted * lengths[counted])
-    elif loss_agg == "seq-mean-token-sum":
-        weights[counted] = 1.0 / num_counted
+        weights[counted] = 1.0 / (normaliser * lengths[counted])
     else:  # seq-mean-token-sum-norm: a constant length, so short answers are not up-weighted (Dr. GRPO)
-        weights[counted] = 1.0 / (num_counted * loss_norm_length)
+        weights[counted] = 1.0 / (normaliser * loss_norm_length)
     return weights
 
 

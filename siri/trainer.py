@@ -16,9 +16,12 @@ sharded with FSDP2 and each rank generating for its share of the prompts.
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 import random
 import time
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,46 +29,28 @@ import torch
 
 from siri import distributed
 from siri.advantages import compute_advantages, dynamic_sampling_mask
-from siri.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from siri.config import TrainConfig, to_dict
+from siri.checkpoint import (
+    CHECKPOINTS_DIR,
+    list_checkpoints,
+    load_checkpoint,
+    read_trainer_state,
+    resume_point,
+    save_checkpoint,
+    set_aside,
+)
+from siri.config import TrainConfig, build_schedule, check_micro_batch_fits, loss_config, \
+    resume_changes, to_dict
 from siri.data import DataCursor, PromptDataset
-from siri.evaluate import load_model
+from siri.errors import UserError
 from siri.model_forward import enable_activation_checkpointing, packed_logprobs, packed_policy_loss
 from siri.packing import Sample, pack, unpack
+from siri.models import check_model_dir, load_model, load_tokenizer, resolve_device
 from siri.precision import TORCH_DTYPES, compute_context, parameter_dtype
 from siri.rewards import length_capped_reward, load_reward_fn, score_batch
 from siri.rollout import SamplingSettings, make_engine
-from siri.schedule import make_schedule
 from siri.tracking import Tracker
 
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device: 'cuda' asked for but no CUDA device is available")
-    return torch.device(name)
-
-
-def build_schedule(cfg: TrainConfig):
-    s = cfg.schedule
-    if s.kind == "constant":
-        return make_schedule("constant", length=s.length if s.length is not None else s.l_max, round_to=s.round_to)
-    if s.kind == "staged":
-        if not s.stages:
-            raise ValueError("schedule.stages must list [step, length] pairs for kind 'staged'")
-        return make_schedule("staged", stages=[tuple(stage) for stage in s.stages], round_to=s.round_to)
-    return make_schedule(s.kind, l_max=s.l_max, l_min=s.l_min, period=s.period, round_to=s.round_to)
-
-
-def load_policy(cfg: TrainConfig, device: torch.device):
-    """(model, tokenizer) from `model.path`, a local Hugging Face model directory; the
-    parameters in `model.param_dtype`."""
-    if not cfg.model.path:
-        raise ValueError("model.path must name a local Hugging Face model directory")
-    model, tokenizer = load_model(cfg.model.path, device, cfg.model.param_dtype,
-                                  attn_implementation=cfg.model.attn_implementation)
-    return model, tokenizer
+logger = logging.getLogger(__name__)
 
 
 def lr_lambda(warmup_steps: int):
@@ -94,10 +79,33 @@ class Trainer:
         self.dist = distributed.setup(cfg.device)
         self.device = self.dist.device if self.dist.enabled else resolve_device(cfg.device)
         seed_everything(cfg.seed + self.dist.rank)
+        # Everything the config and the output directory can get wrong is found before the
+        # model loads: the schedule, the loss settings, the reward, what to resume, the data.
+        self.schedule = build_schedule(cfg)
+        self.loss_settings = dataclasses.asdict(loss_config(cfg))  # policy_loss's keywords
+        try:
+            self.reward_fn = load_reward_fn(cfg.reward.fn, overlong_buffer=cfg.reward.overlong_buffer)
+        except ValueError as error:
+            raise UserError(f"reward.fn: {error}") from error
+        resume_from = self._resume_point(resume)
         if model is None:
-            model, tokenizer = load_policy(cfg, self.device)
-        if tokenizer is None:
+            check_model_dir("model.path", cfg.model.path)
+            tokenizer = load_tokenizer(cfg.model.path)
+        elif tokenizer is None:
             raise ValueError("tokenizer must be given along with model")
+        if train_problems is None:
+            if not cfg.data.train_files:
+                raise UserError("data.train_files: give at least one .jsonl or .parquet file")
+            train_problems = PromptDataset(cfg.data.train_files, tokenizer, cfg.data)
+        self.dataset = train_problems
+        if len(self.dataset) == 0:
+            raise UserError("data.train_files hold no usable problem")
+        max_prompt = max(len(self.dataset[i].prompt_ids) for i in range(len(self.dataset)))
+        check_micro_batch_fits(cfg, max_prompt + self.schedule.max_budget(), f"the longest prompt, {max_prompt}")
+        if model is None:
+            model, _ = load_model(cfg.model.path, self.device, cfg.model.param_dtype,
+                                  attn_implementation=cfg.model.attn_implementation, tokenizer=tokenizer)
+
         self.tokenizer = tokenizer
         self.model = model.to(self.device)
         # A given model keeps its own dtype; autocast engages when it differs from model.dtype.
@@ -109,15 +117,7 @@ class Trainer:
         if self.ref_model is not None:
             self.ref_model = distributed.shard(self.ref_model, self.dist)
 
-        self.schedule = build_schedule(cfg)
-        if train_problems is None:
-            train_problems = PromptDataset(cfg.data.train_files, tokenizer, cfg.data)
-        self.dataset = train_problems
-        if len(self.dataset) == 0:
-            raise ValueError("data.train_files hold no usable problem")
         self.cursor = DataCursor(len(self.dataset), seed=cfg.seed, shuffle=cfg.data.shuffle)
-        self.reward_fn = load_reward_fn(cfg.reward.fn, overlong_buffer=cfg.reward.overlong_buffer)
-        max_prompt = max(len(self.dataset[i].prompt_ids) for i in range(len(self.dataset)))
         self.engine = make_engine(
             cfg.rollout, model=self.model, tokenizer=tokenizer, model_path=cfg.model.path,
             max_budget=max_prompt + self.schedule.max_budget(), dtype=cfg.model.dtype, seed=cfg.seed,
@@ -127,14 +127,50 @@ class Trainer:
                                            weight_decay=cfg.optim.weight_decay)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg.optim.warmup_steps))
         self.start_step = 0
-        if resume:
-            found = latest_checkpoint(cfg.output_dir)
-            if found is not None:
-                self._restore(found)
+        if resume_from is not None:
+            self._restore(resume_from)
         self.tracker = Tracker(cfg.output_dir, cfg.logging, to_dict(cfg), cfg.total_steps,
                                start_step=self.start_step, is_main=self.dist.is_main)
 
     # -- checkpoints -------------------------------------------------------------------
+
+    def _resume_point(self, resume: bool) -> str | None:
+        """The checkpoint to resume from, or None to start at step 0; UserError for a run
+        that cannot start here.
+
+        Without `resume`, a directory that holds checkpoints is refused: the new run would
+        prune the old run's checkpoints as it saves and interleave its metrics.jsonl rows,
+        and the next plain resume would continue from whichever is newest. With `resume`,
+        damaged checkpoints newer than the newest intact one are set aside (renamed
+        `damaged-...`, never deleted) and named, and a changed config key that cannot apply
+        on resume is refused (`siri.config.resume_changes`).
+        """
+        output_dir = self.cfg.output_dir
+        if not resume:
+            saved = list_checkpoints(output_dir)
+            if saved:
+                raise UserError(
+                    f"output_dir {output_dir!r} holds the checkpoints of an earlier run (newest: "
+                    f"{os.path.basename(saved[-1])}); starting over there would prune them and mix the two runs' "
+                    f"metrics. Resume it (leave out --no-resume), choose another output_dir, or move "
+                    f"{os.path.join(output_dir, CHECKPOINTS_DIR)!r} away first")
+            return None
+        path, skipped = resume_point(output_dir, self.dist.rank)
+        if path is None and skipped:
+            details = "; ".join(f"{os.path.basename(p)}: {why}" for p, why in skipped)
+            raise UserError(f"output_dir {output_dir!r}: no checkpoint can be resumed, every one is damaged "
+                            f"({details}). Nothing was changed; repair or move them away to start afresh")
+        if path is not None:
+            changes = resume_changes(read_trainer_state(path).get("config", {}), self.cfg, path)
+            if changes and self.dist.is_main:
+                logger.warning("resuming %s with changed settings, in effect from the resumed step on: %s",
+                               path, "; ".join(changes))
+        for damaged, why in skipped:
+            kept_as = set_aside(damaged, is_main=self.dist.is_main)
+            if self.dist.is_main:
+                logger.warning("checkpoint %s is damaged (%s): skipped it and resume from %s; it is kept, renamed %s",
+                               damaged, why, os.path.basename(path), kept_as)
+        return path
 
     def _trainer_state(self, step: int) -> dict:
         return {"step": step, "schedule": self.schedule.state_dict(), "cursor": self.cursor.state_dict(),
@@ -145,7 +181,21 @@ class Trainer:
                                 lr_scheduler=self.lr_scheduler, rank=self.dist.rank)
         self.schedule.load_state_dict(state["schedule"])
         self.cursor.load_state_dict(state["cursor"])
+        self._reapply_optimizer_settings()
         self.start_step = state["step"] + 1  # train_step syncs the restored weights into the engine
+
+    def _reapply_optimizer_settings(self) -> None:
+        """Write this config's `RESUME_REAPPLIED` values over those the restored optimizer
+        and scheduler state carry, so that a changed one takes effect (an unchanged one is
+        written back as it was)."""
+        optim = self.cfg.optim
+        # The scheduler's warm-up function is this config's already (functions are not saved).
+        self.lr_scheduler.base_lrs = [optim.lr] * len(self.optimizer.param_groups)
+        factor = self.lr_scheduler.lr_lambdas[0](self.lr_scheduler.last_epoch)
+        for group in self.optimizer.param_groups:
+            group.update(lr=optim.lr * factor, initial_lr=optim.lr, betas=tuple(optim.betas),
+                         weight_decay=optim.weight_decay)
+        self.lr_scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def save(self, step: int, tag: str | None) -> str | None:
         return save_checkpoint(
@@ -219,9 +269,9 @@ class Trainer:
         values = []
         for batch in padded:
             with self.compute():
-                values.append(packed_logprobs(model, batch.to(self.device), temperature=self.cfg.rollout.temperature,
-                                              backend=self.cfg.algorithm.kernel_backend,
-                                              fused_linear=self.cfg.algorithm.fused_linear).cpu())
+                values.append(packed_logprobs(
+                    model, batch.to(self.device), temperature=self.loss_settings["temperature"],
+                    backend=self.cfg.algorithm.kernel_backend, fused_linear=self.cfg.algorithm.fused_linear).cpu())
         return [t.tolist() for t in unpack(values[:len(batches)], batches)]
 
     def _with_logprobs(self, samples, old, ref) -> list[Sample]:
@@ -247,13 +297,14 @@ class Trainer:
     def _update(self, samples: list[Sample]) -> dict:
         """One optimizer step per mini-batch; returns the step's loss metrics.
 
-        Metrics stay on the device until the end of the step (one transfer), each a mean
-        over the mini-batches, the per-token ones weighted by the loss weights.
+        Metrics and gradient norms stay on the device until the end of the step (one
+        device-to-host transfer for all of them), each a mean over the mini-batches, the
+        per-token ones weighted by the loss weights.
         """
         a = self.cfg.algorithm
         parts = self._mini_batches(samples)
         totals: dict[str, torch.Tensor] = {}
-        grad_norms = []
+        grad_norms: list[torch.Tensor] = []
 
         def add(name, value):
             totals[name] = totals.get(name, 0.0) + value.detach()
@@ -271,12 +322,8 @@ class Trainer:
             for batch in batches:
                 batch = batch.to(self.device)
                 with self.compute():
-                    out = packed_policy_loss(
-                        self.model, batch, fused_linear=a.fused_linear,
-                        temperature=self.cfg.rollout.temperature, clip_low=a.clip_low, clip_high=a.clip_high,
-                        dual_clip=a.dual_clip, kl_coef=a.kl_coef, kl_estimator=a.kl_estimator,
-                        entropy_coef=a.entropy_coef, tis_cap=a.tis_cap, backend=a.kernel_backend,
-                    )
+                    out = packed_policy_loss(self.model, batch, fused_linear=a.fused_linear,
+                                             backend=a.kernel_backend, **self.loss_settings)
                 (out.loss * distributed.loss_scale(self.dist)).backward()
                 weight = batch.weights.sum()
                 add("loss", out.loss)
@@ -288,14 +335,17 @@ class Trainer:
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             steps += 1
-        # Weights are globally normalised, so sums over ranks are the mini-batch figures.
-        names = list(totals)  # one device-to-host transfer for all of them
-        host = torch.stack([totals[n].double() for n in names]).tolist() if names else []
+        names = list(totals)
+        on_device = [totals[n].double() for n in names] + [norm.double() for norm in grad_norms]
+        host = torch.stack(on_device).tolist() if on_device else []  # the step's one transfer
+        # Weights are globally normalised, so sums over ranks are the mini-batch figures (the
+        # gradient norms are global already).
         values = distributed.sum_metrics(dict(zip(names, host)), self.dist)
+        norms = host[len(names):]
         weight = values.pop("weight", 0.0)
         metrics = {name: value / weight if weight > 0 else 0.0 for name, value in values.items() if name != "loss"}
         metrics["loss"] = values.get("loss", 0.0) / max(steps, 1)
-        metrics["grad_norm"] = sum(grad_norms) / max(len(grad_norms), 1)
+        metrics["grad_norm"] = sum(norms) / max(len(norms), 1)
         return metrics
 
     def train_step(self, step: int) -> StepResult:

@@ -1,0 +1,58 @@
+"""Where a model runs and how a local model directory is loaded (the trainer, `siri eval`, the demo).
+
+Nothing is downloaded: a path that is not a local Hugging Face model directory is a
+`UserError` naming it, never a look-up on a model hub.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from siri.errors import UserError
+from siri.precision import TORCH_DTYPES
+
+__all__ = ["check_model_dir", "load_model", "load_tokenizer", "resolve_device"]
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" is cuda when a CUDA device is present, else cpu; "cuda" without one is a UserError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("device: 'cuda' asked for but no CUDA device is available")
+    return torch.device(name)
+
+
+def check_model_dir(key: str, path: str) -> None:
+    """UserError naming `key` unless `path` is a directory holding a Hugging Face config.json."""
+    if not path:
+        raise UserError(f"{key} must name a local Hugging Face model directory")
+    if not os.path.exists(path):
+        raise UserError(f"{key} {path!r} does not exist (a local Hugging Face model directory; nothing is downloaded)")
+    if not os.path.isdir(path):
+        raise UserError(f"{key} {path!r} is a file; it must be a Hugging Face model directory")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise UserError(f"{key} {path!r} holds no config.json: not a Hugging Face model directory")
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def load_model(path: str, device: torch.device, dtype: str, *, weights: bool = True,
+               attn_implementation: str | None = None, tokenizer=None):
+    """(model, tokenizer) of a model directory, the model in eval mode; the model is None
+    without `weights` (vLLM loads its own copy). A `tokenizer` already loaded is reused."""
+    from transformers import AutoModelForCausalLM
+
+    if tokenizer is None:
+        tokenizer = load_tokenizer(path)
+    if not weights:
+        return None, tokenizer
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=TORCH_DTYPES[dtype],
+                                                 attn_implementation=attn_implementation)
+    return model.to(device).eval(), tokenizer
