@@ -3,15 +3,22 @@
     siri train --config configs/siri-1.5b.yaml model.path=/models/r1-distill-1.5b output_dir=runs/a
     siri eval --model runs/a/checkpoints/step-0001599-low/policy --data aime24.jsonl --budget 8192 --k 16
     siri demo --out demo-results [--quick]
+
+A problem with what the user gave (a config key, a file, an argument: `siri.errors.UserError`)
+or a missing optional package (ImportError, which says what to install) is one line on
+stderr and exit code 2; any other error is a fault of siri and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
-from siri.config import DataConfig, RolloutConfig, load_config
+from siri.config import SEED_LIMIT, DataConfig, RolloutConfig, load_config
+from siri.errors import UserError
+from siri.files import check_output_dir
 
 
 def _train(args) -> int:
@@ -24,7 +31,7 @@ def _train(args) -> int:
 
 def _eval(args) -> int:
     from siri.evaluate import run_eval
-    from siri.trainer import resolve_device
+    from siri.models import resolve_device
 
     rollout = RolloutConfig(engine=args.engine, temperature=args.temperature, top_p=args.top_p,
                             generation_batch_size=args.generation_batch_size)
@@ -38,8 +45,36 @@ def _eval(args) -> int:
 def _demo(args) -> int:
     from siri.demo.run import run_demo
 
+    check_output_dir("--out", args.out)
     run_demo(args.out, quick=args.quick)
     return 0
+
+
+def _number(kind, text: str, ok, domain: str):
+    """`text` as a `kind` in `domain` (`ok(value)` holds), or argparse's one-line error."""
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not ok(value):
+        raise argparse.ArgumentTypeError(f"must be {domain}, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    return _number(int, text, lambda v: v >= 1, "a positive integer")
+
+
+def _seed(text: str) -> int:
+    return _number(int, text, lambda v: 0 <= v < SEED_LIMIT, "an integer in [0, 2**32)")
+
+
+def _temperature(text: str) -> float:
+    return _number(float, text, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+
+
+def _top_p(text: str) -> float:
+    return _number(float, text, lambda v: 0 < v <= 1, "a number in (0, 1]")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,26 +84,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="run SIRI training from a YAML config")
     train.add_argument("--config", help="YAML config file (defaults: the paper's setting)")
-    train.add_argument("--no-resume", action="store_true", help="ignore checkpoints already in output_dir")
+    train.add_argument("--no-resume", action="store_true",
+                       help="start at step 0 instead of resuming from output_dir's newest checkpoint; refused when "
+                            "output_dir already holds checkpoints (they are never overwritten or mixed with a new "
+                            "run's): give a new output_dir instead")
     train.add_argument("overrides", nargs="*", help="section.key=value overrides")
     train.set_defaults(run=_train)
 
     ev = commands.add_parser("eval", help="pass@1 over k samples at a length budget, Table-1 style")
     ev.add_argument("--model", action="append", required=True, help="model directory (repeat for several)")
     ev.add_argument("--data", action="append", required=True, help="jsonl or parquet file (repeat for several)")
-    ev.add_argument("--budget", type=int, required=True, help="maximum response tokens")
-    ev.add_argument("--k", type=int, default=4, help="samples per problem")
-    ev.add_argument("--temperature", type=float, default=0.6)
-    ev.add_argument("--top-p", type=float, default=0.95)
+    ev.add_argument("--budget", type=_positive_int, required=True, help="maximum response tokens")
+    ev.add_argument("--k", type=_positive_int, default=4, help="samples per problem")
+    ev.add_argument("--temperature", type=_temperature, default=0.6)
+    ev.add_argument("--top-p", type=_top_p, default=0.95)
     ev.add_argument("--engine", choices=["hf", "vllm"], default="hf")
-    ev.add_argument("--generation-batch-size", type=int, default=64)
+    ev.add_argument("--generation-batch-size", type=_positive_int, default=64)
     ev.add_argument("--problem-key", default="problem")
     ev.add_argument("--answer-key", default="answer")
-    ev.add_argument("--max-prompt-length", type=int, default=1024)
+    ev.add_argument("--max-prompt-length", type=_positive_int, default=1024)
     ev.add_argument("--no-chat-template", action="store_true")
     ev.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ev.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--seed", type=_seed, default=0)
     ev.add_argument("--out", help="folder for eval.json and accuracy_vs_length.png")
     ev.set_defaults(run=_eval)
 
@@ -85,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code = args.run(args)
-    except (ValueError, ImportError) as error:
+    except (UserError, ImportError) as error:
         print(f"siri {args.command}: error: {error}", file=sys.stderr)
         code = 2
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:

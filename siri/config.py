@@ -359,6 +359,10 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())  # YAML's messages span lines; the CLI prints one
+
+
 def parse_overrides(overrides: list[str]) -> dict:
     """`["optim.lr=2e-6", "rollout.n=4"]` -> nested dict; values parsed as YAML scalars."""
     tree: dict = {}
@@ -369,7 +373,7 @@ def parse_overrides(overrides: list[str]) -> dict:
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as error:
-            raise UserError(f"override {item!r}: the value is not valid YAML ({error})") from None
+            raise UserError(f"override {item!r}: the value is not valid YAML ({_one_line(error)})") from None
         _set_dotted(tree, key.strip(), value)
     return tree
 
@@ -400,7 +404,7 @@ def load_config(path: str | None, overrides: list[str] = ()) -> TrainConfig:
             with open(path, encoding="utf-8") as handle:
                 values = yaml.safe_load(handle)
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
-            raise UserError(f"--config {path!r} is not readable YAML: {error}") from None
+            raise UserError(f"--config {path!r} is not readable YAML: {_one_line(error)}") from None
         if values is None:
             values = {}
         if not isinstance(values, dict):

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from siri.checks import as_int
+from siri.errors import UserError
 from siri.config import DataConfig
 
 logger = logging.getLogger(__name__)
@@ -34,21 +35,30 @@ def _suffix(path: str) -> str:
     return os.path.splitext(path)[1].lower()
 
 
+def _numbered_lines(path: str, handle) -> Iterator[tuple[int, str]]:
+    number = 0
+    try:
+        for number, line in enumerate(handle, start=1):
+            yield number, line
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path}: not UTF-8 text after line {number} ({error.reason})") from None
+
+
 def _iter_records(path: str) -> Iterator[tuple[str, dict]]:
     """(location, record) pairs of a problem file; `location` is "line N" or "row N" (1-based),
     what an error message points the user to."""
     suffix = _suffix(path)
     if suffix in JSONL_SUFFIXES:
         with open(path, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
+            for number, line in _numbered_lines(path, handle):
                 if not line.strip():
                     continue  # a trailing newline or a blank separator line is not a record
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}, line {number}: not valid JSON ({error.msg})") from None
+                    raise UserError(f"{path}, line {number}: not valid JSON ({error.msg})") from None
                 if not isinstance(record, dict):
-                    raise ValueError(f"{path}, line {number}: expected a JSON object, got {type(record).__name__}")
+                    raise UserError(f"{path}, line {number}: expected a JSON object, got {type(record).__name__}")
                 yield f"line {number}", record
     elif suffix in PARQUET_SUFFIXES:
         try:
@@ -59,14 +69,17 @@ def _iter_records(path: str) -> Iterator[tuple[str, dict]]:
                 "or convert the file to JSON Lines"
             ) from error
         # Row groups one at a time: a large file never sits in memory twice (Arrow + Python).
-        parquet = pq.ParquetFile(path)
+        try:
+            parquet = pq.ParquetFile(path)
+        except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
+            raise UserError(f"{path}: not a readable Parquet file ({error})") from None
         number = 0
         for group in range(parquet.num_row_groups):
             for record in parquet.read_row_group(group).to_pylist():
                 number += 1
                 yield f"row {number}", record
     else:
-        raise ValueError(
+        raise UserError(
             f"path {path!r}: unsupported file type {suffix or '(none)'!r}; "
             f"expected one of {list(JSONL_SUFFIXES + PARQUET_SUFFIXES)}"
         )
@@ -80,7 +93,7 @@ def load_records(path: str | os.PathLike) -> list[dict]:
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise ValueError(f"path {path!r} is not a file")
+        raise UserError(f"path {path!r} is not a file")
     return [record for _, record in _iter_records(path)]
 
 
@@ -107,7 +120,7 @@ def _answer_text(value, where: str, key: str) -> str:
         return value
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
-    raise ValueError(f"{where}: field {key!r} must be a string or a number, got {type(value).__name__}")
+    raise UserError(f"{where}: field {key!r} must be a string or a number, got {type(value).__name__}")
 
 
 def _has_chat_template(tokenizer) -> bool:
@@ -133,12 +146,12 @@ class PromptDataset:
             files = [files]
         files = [os.fspath(f) for f in files]
         if not files:
-            raise ValueError("files: give at least one .jsonl or .parquet file")
+            raise UserError("files: give at least one .jsonl or .parquet file")
         for path in files:
             if not os.path.isfile(path):
-                raise ValueError(f"files: {path!r} is not a file")
+                raise UserError(f"files: {path!r} is not a file")
         if cfg.max_prompt_length <= 0:
-            raise ValueError(f"cfg.max_prompt_length must be > 0, got {cfg.max_prompt_length!r}")
+            raise UserError(f"cfg.max_prompt_length must be > 0, got {cfg.max_prompt_length!r}")
 
         self.cfg = cfg
         self.files = files
@@ -154,10 +167,10 @@ class PromptDataset:
                 where = f"{path}, {location}"
                 for key in (cfg.problem_key, cfg.answer_key):
                     if key not in record or record[key] is None:
-                        raise ValueError(f"{where}: missing field {key!r} (present: {sorted(record)})")
+                        raise UserError(f"{where}: missing field {key!r} (present: {sorted(record)})")
                 problem = record[cfg.problem_key]
                 if not isinstance(problem, str):
-                    raise ValueError(f"{where}: field {cfg.problem_key!r} must be a string, "
+                    raise UserError(f"{where}: field {cfg.problem_key!r} must be a string, "
                                      f"got {type(problem).__name__}")
                 texts.append(self._prompt_text(problem, tokenizer))
                 answers.append(_answer_text(record[cfg.answer_key], where, cfg.answer_key))

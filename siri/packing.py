@@ -172,6 +172,21 @@ class PackedBatch:
 # Input checks: every failure is a ValueError naming the argument.
 
 
+_INT64_MAX = int(np.iinfo(np.int64).max)
+
+
+def _first_beyond_int64(value, array: np.ndarray) -> int | None:
+    """The index of the first id above int64's range, or None. numpy holds such ids as
+    uint64 (the int64 cast would wrap them to negative ids) or, from a list of Python ints,
+    as float64 or object."""
+    if array.dtype.kind == "u":
+        beyond = array > _INT64_MAX
+        return int(np.argmax(beyond)) if beyond.any() else None
+    if array.dtype.kind in "fO" and not isinstance(value, np.ndarray):
+        return next((i for i, v in enumerate(value) if isinstance(v, numbers.Integral) and v > _INT64_MAX), None)
+    return None
+
+
 def _as_array(name: str, value, *, integer: bool) -> np.ndarray:
     """`value` as a 1-D numpy array (int64 or float64), or ValueError naming `name`."""
     if isinstance(value, torch.Tensor):
@@ -185,12 +200,11 @@ def _as_array(name: str, value, *, integer: bool) -> np.ndarray:
     if array.size == 0:
         return np.zeros(0, dtype=np.int64 if integer else np.float64)
     if integer:
+        too_large = _first_beyond_int64(value, array)
+        if too_large is not None:
+            raise ValueError(f"{name} holds token ids >= 2**63 (first at {too_large})")
         if array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.integer):
             raise ValueError(f"{name} must hold integer token ids, got dtype {array.dtype}")
-        if array.dtype.kind == "u" and array.max() > np.iinfo(np.int64).max:
-            # The int64 cast below would wrap these to negative ids.
-            raise ValueError(f"{name} holds token ids >= 2**63 (first at "
-                             f"{int(np.argmax(array > np.iinfo(np.int64).max))})")
         if (array < 0).any():
             raise ValueError(f"{name} holds negative token ids (first at {int(np.argmax(array < 0))})")
         return array.astype(np.int64, copy=False)

@@ -242,3 +242,40 @@ def test_fsdp_ranks_write_their_own_optimizer_and_rng(tmp_path):
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(os.path.join(path, "policy"))  # gathered, not a shard
+
+
+def _truncate(path):
+    with open(path, "r+b") as handle:
+        handle.truncate(os.path.getsize(path) // 2)
+
+
+@pytest.mark.parametrize("damage, named", [
+    (lambda c: _truncate(os.path.join(c, "policy", "model.safetensors")), "policy/model.safetensors is unreadable"),
+    (lambda c: _truncate(os.path.join(c, "optimizer-rank0.pt")), "optimizer-rank0.pt is unreadable"),
+    (lambda c: _truncate(os.path.join(c, "rng-rank0.pt")), "rng-rank0.pt is unreadable"),
+    (lambda c: os.remove(os.path.join(c, "lr_scheduler.pt")), "lr_scheduler.pt is missing"),
+    (lambda c: open(os.path.join(c, "trainer_state.json"), "w").close(), "trainer_state.json is unreadable"),
+    (lambda c: os.remove(os.path.join(c, "policy", "model.safetensors")), "policy/ has no readable weights"),
+])
+def test_a_damaged_complete_checkpoint_is_found_and_passed_over(tmp_path, damage, named):
+    model, optimizer, scheduler = make_training()
+    older = save(tmp_path, 0, model, optimizer, scheduler)
+    newer = save(tmp_path, 1, model, optimizer, scheduler)
+    assert ckpt.checkpoint_problem(older) is None and ckpt.checkpoint_problem(newer) is None
+    damage(newer)
+    assert named in ckpt.checkpoint_problem(newer)
+    path, skipped = ckpt.resume_point(tmp_path)
+    assert path == older and [p for p, _ in skipped] == [newer] and named in skipped[0][1]
+    kept = ckpt.set_aside(newer)
+    assert os.path.basename(kept) == "damaged-step-0000001" and os.path.isdir(kept)
+    assert list_checkpoints(tmp_path) == [older]
+    # Saving that step again (the resumed run reaches it) keeps the damaged copy.
+    save(tmp_path, 1, model, optimizer, scheduler)
+    assert os.path.isdir(kept) and ckpt.checkpoint_problem(newer) is None
+
+
+def test_set_aside_never_overwrites_an_earlier_damaged_copy(tmp_path):
+    model, optimizer, scheduler = make_training()
+    first = ckpt.set_aside(save(tmp_path, 1, model, optimizer, scheduler))
+    second = ckpt.set_aside(save(tmp_path, 1, model, optimizer, scheduler))
+    assert (os.path.basename(first), os.path.basename(second)) == ("damaged-step-0000001", "damaged-step-0000001.2")

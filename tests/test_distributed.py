@@ -56,3 +56,29 @@ def test_a_rank_without_samples_runs_a_zero_weight_batch_under_every_option():
     out.loss.backward()
     assert out.loss.item() == 0.0
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+
+
+def test_the_ranks_normalise_by_packings_own_rule():
+    # One definition of which samples count: a second copy in siri.distributed could drift
+    # from packing's and mis-scale multi-GPU gradients without a sound.
+    from siri import distributed, packing
+
+    assert not hasattr(distributed, "weight_normaliser")
+    assert distributed.loss_normaliser is packing.loss_normaliser
+    samples = [packing.Sample(prompt_ids=[1], response_ids=[2] * n, truncated=t) for n, t in ((3, False), (4, True))]
+    assert distributed.global_normaliser(samples, "token-mean", True, distributed.DistState()) == (3, 3.0)
+
+
+@pytest.mark.parametrize("max_norm", [0.5, None])
+def test_clip_grad_norm_stays_on_the_device_and_null_does_not_clip(max_norm):
+    from siri.distributed import clip_grad_norm
+
+    layer = torch.nn.Linear(3, 2)
+    layer(torch.ones(4, 3)).pow(2).sum().backward()
+    before = torch.cat([p.grad.flatten() for p in layer.parameters()])
+    norm = clip_grad_norm(layer, max_norm)
+    assert isinstance(norm, torch.Tensor) and norm.dim() == 0  # read with the step's other metrics
+    assert norm.item() == pytest.approx(before.norm().item(), rel=1e-6)
+    after = torch.cat([p.grad.flatten() for p in layer.parameters()])
+    expected = before if max_norm is None else before * (max_norm / before.norm())
+    torch.testing.assert_close(after, expected, rtol=1e-5, atol=1e-6)

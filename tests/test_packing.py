@@ -8,7 +8,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from siri.packing import LOSS_AGGS, PackedBatch, Sample, pack, unpack
+from siri.packing import LOSS_AGGS, PackedBatch, Sample, loss_normaliser, pack, unpack
 
 
 def make_samples(specs, seed=0, logprobs=False):
@@ -311,3 +311,33 @@ def test_packing_properties(specs, slack, loss_agg, mask_truncated, seed):
     assert [b.sample_ids for b in again] == [b.sample_ids for b in batches]
     for x, y in zip(again, batches):
         assert torch.equal(x.input_ids, y.input_ids) and torch.equal(x.weights, y.weights)
+
+
+@pytest.mark.parametrize("ids", [np.array([2**63, 1], dtype=np.uint64), [1, 2**63 + 5],
+                                 np.array([2**64 - 1], dtype=np.uint64)])
+def test_token_ids_beyond_int64_are_refused_not_wrapped_negative(ids):
+    for field in ("prompt_ids", "response_ids"):
+        sample = Sample(prompt_ids=[1], response_ids=[2], advantage=1.0)
+        setattr(sample, field, ids)
+        with pytest.raises(ValueError, match=f"samples\\[0\\].{field} holds token ids >= 2\\*\\*63"):
+            pack([sample], max_tokens=64)
+
+
+def test_large_uint64_ids_below_the_limit_are_kept_exactly():
+    (batch,) = pack([Sample(prompt_ids=np.array([2**62], dtype=np.uint64), response_ids=[2], advantage=1.0)], 8)
+    assert batch.input_ids.tolist() == [2**62, 2]
+
+
+@pytest.mark.parametrize("loss_agg", LOSS_AGGS)
+@pytest.mark.parametrize("mask_truncated", [False, True])
+def test_loss_normaliser_is_what_the_weights_divide_by(loss_agg, mask_truncated):
+    samples = [Sample(prompt_ids=[1], response_ids=[2] * n, advantage=1.0, truncated=t)
+               for n, t in ((3, False), (0, False), (5, True), (2, False))]
+    normaliser = loss_normaliser(samples, loss_agg, mask_truncated)
+    assert normaliser == {("token-mean", False): 10, ("token-mean", True): 5}.get(
+        (loss_agg, mask_truncated), 2 if mask_truncated else 3)
+    weights = torch.cat([b.weights for b in pack(samples, 64, loss_agg, loss_norm_length=4.0,
+                                                  mask_truncated=mask_truncated)])
+    if loss_agg in ("token-mean", "seq-mean-token-sum"):
+        nonzero = weights[weights > 0]
+        assert torch.allclose(nonzero, torch.full_like(nonzero, 1 / normaliser))

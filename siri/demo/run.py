@@ -30,13 +30,15 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from siri.checkpoint import list_checkpoints
 from siri.demo.measure import measure
 from siri.demo.model import ModelSize
 from siri.demo.plot import format_table, plot_curves, read_metrics
 from siri.demo.sft import SFTConfig, build_base_model
 from siri.demo.task import TaskConfig, all_problems
-from siri.evaluate import load_model
+from siri.errors import UserError
 from siri.files import write_json_atomically
+from siri.models import load_model
 from siri.tracking import METRICS_FILE
 
 __all__ = ["FULL", "QUICK", "DemoConfig", "find_checkpoint", "rl_config", "run_demo"]
@@ -150,6 +152,11 @@ def run_demo(out_dir: str | os.PathLike, quick: bool = False, *, demo: DemoConfi
 
     demo = demo or (QUICK if quick else FULL)
     out_dir = os.fspath(out_dir)
+    for run in RUNS:  # checked before stage 1: the trainer never starts over a saved run
+        saved = list_checkpoints(os.path.join(out_dir, run))
+        if saved:
+            raise UserError(f"out_dir {out_dir!r} holds the checkpoints of an earlier demo ({saved[-1]}): "
+                            "give a new folder, or remove that one first")
     os.makedirs(out_dir, exist_ok=True)
     started = time.perf_counter()
 
