@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -42,6 +43,7 @@ import numpy as np
 import torch
 
 from siri.checks import as_int
+from siri.errors import UserError
 from siri.files import fsync_path
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -54,6 +56,9 @@ _TMP_PREFIX = ".tmp-"
 _TRASH_PREFIX = ".trash-"
 DAMAGED_PREFIX = "damaged-"
 _NAME = re.compile(r"^step-(\d{7,})(?:-(" + "|".join(TAGS) + r"))?$")
+
+
+_OPTIMIZER_NAME = re.compile(r"^optimizer-rank\d+\.pt$")
 
 
 def _optimizer_file(rank: int) -> str:
@@ -361,7 +366,7 @@ def _readable_torch(path: str) -> str | None:
         # mmap: reading the index of the archive is enough to find a cut-short file, and a
         # multi-gigabyte optimizer state is not read twice.
         torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (OSError, RuntimeError, EOFError, ValueError) as error:
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
         return f"{os.path.basename(path)} is unreadable ({str(error).splitlines()[0]})"
     return None
 
@@ -394,10 +399,10 @@ def checkpoint_problem(path: str | os.PathLike, rank: int = 0) -> str | None:
     for file_name in (TRAINER_STATE, LR_SCHEDULER, _optimizer_file(rank), _rng_file(rank)):
         if not os.path.isfile(os.path.join(path, file_name)):
             return f"{file_name} is missing"
-    return (_readable_json(os.path.join(path, TRAINER_STATE))
-            or _readable_weights(os.path.join(path, POLICY_DIR))
-            or next((problem for problem in (_readable_torch(os.path.join(path, name)) for name in (
-                LR_SCHEDULER, _optimizer_file(rank), _rng_file(rank))) if problem), None))
+    problem = _readable_json(os.path.join(path, TRAINER_STATE)) or _readable_weights(os.path.join(path, POLICY_DIR))
+    for file_name in (LR_SCHEDULER, _optimizer_file(rank), _rng_file(rank)):
+        problem = problem or _readable_torch(os.path.join(path, file_name))
+    return problem
 
 
 def resume_point(output_dir: str | os.PathLike, rank: int = 0) -> tuple[str | None, list[tuple[str, str]]]:
@@ -405,9 +410,16 @@ def resume_point(output_dir: str | os.PathLike, rank: int = 0) -> tuple[str | No
 
     Returns (path or None, [(path, why), ...] newest first). Under torch.distributed every
     rank must call this; they agree on the checkpoint (one damaged on any rank is skipped).
+    A checkpoint saved by another number of ranks is a UserError, not damage.
     """
+    world_size = torch.distributed.get_world_size() if _distributed() else 1
     skipped = []
     for path in reversed(list_checkpoints(output_dir)):
+        saved_ranks = len([n for n in os.listdir(path) if _OPTIMIZER_NAME.match(n)])
+        if saved_ranks and saved_ranks != world_size:
+            # Not damage: the run was saved by another number of processes.
+            raise UserError(f"checkpoint {path!r} holds the optimizer state of {saved_ranks} rank(s), this run has "
+                            f"{world_size}: resume it with the same number of processes")
         problem = checkpoint_problem(path, rank)
         if _all_ok(problem is None):
             return path, skipped

@@ -163,7 +163,6 @@ def _choice(key: str, value, allowed) -> None:
 
 
 def _at_least(key: str, value, minimum) -> None:
-    # `not value >= minimum` also rejects NaN.
     if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= minimum):
         raise UserError(f"{key} must be a finite number >= {minimum}, got {value!r}")
 

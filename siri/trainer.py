@@ -16,12 +16,12 @@ sharded with FSDP2 and each rank generating for its share of the prompts.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
 import random
 import time
-import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,13 +38,12 @@ from siri.checkpoint import (
     save_checkpoint,
     set_aside,
 )
-from siri.config import TrainConfig, build_schedule, check_micro_batch_fits, loss_config, \
-    resume_changes, to_dict
+from siri.config import TrainConfig, build_schedule, check_micro_batch_fits, loss_config, resume_changes, to_dict
 from siri.data import DataCursor, PromptDataset
 from siri.errors import UserError
 from siri.model_forward import enable_activation_checkpointing, packed_logprobs, packed_policy_loss
-from siri.packing import Sample, pack, unpack
 from siri.models import check_model_dir, load_model, load_tokenizer, resolve_device
+from siri.packing import Sample, pack, unpack
 from siri.precision import TORCH_DTYPES, compute_context, parameter_dtype
 from siri.rewards import length_capped_reward, load_reward_fn, score_batch
 from siri.rollout import SamplingSettings, make_engine
@@ -179,8 +178,11 @@ class Trainer:
     def _restore(self, path: str) -> None:
         state = load_checkpoint(path, model=self.model, optimizer=self.optimizer,
                                 lr_scheduler=self.lr_scheduler, rank=self.dist.rank)
-        self.schedule.load_state_dict(state["schedule"])
-        self.cursor.load_state_dict(state["cursor"])
+        try:
+            self.schedule.load_state_dict(state["schedule"])
+            self.cursor.load_state_dict(state["cursor"])  # e.g. a data file edited since
+        except ValueError as error:
+            raise UserError(f"cannot resume {path!r}: {error}") from error
         self._reapply_optimizer_settings()
         self.start_step = state["step"] + 1  # train_step syncs the restored weights into the engine
 

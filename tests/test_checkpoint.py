@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -279,3 +280,13 @@ def test_set_aside_never_overwrites_an_earlier_damaged_copy(tmp_path):
     first = ckpt.set_aside(save(tmp_path, 1, model, optimizer, scheduler))
     second = ckpt.set_aside(save(tmp_path, 1, model, optimizer, scheduler))
     assert (os.path.basename(first), os.path.basename(second)) == ("damaged-step-0000001", "damaged-step-0000001.2")
+
+
+def test_a_checkpoint_of_another_world_size_is_refused_not_taken_for_damage(tmp_path):
+    model, optimizer, scheduler = make_training()
+    path = save(tmp_path, 0, model, optimizer, scheduler)
+    for kind in ("optimizer", "rng"):  # what a two-rank run leaves
+        shutil.copy(os.path.join(path, f"{kind}-rank0.pt"), os.path.join(path, f"{kind}-rank1.pt"))
+    with pytest.raises(ckpt.UserError, match="optimizer state of 2 rank.*this run has 1"):
+        ckpt.resume_point(tmp_path)
+    assert list_checkpoints(tmp_path) == [path]
