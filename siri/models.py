@@ -40,7 +40,11 @@ def check_model_dir(key: str, path: str) -> None:
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except OSError as error:  # transformers' "can't load tokenizer": a file the directory lacks
+        raise UserError(f"model directory {path!r} has no loadable tokenizer: {' '.join(str(error).split())}") \
+            from error
 
 
 def load_model(path: str, device: torch.device, dtype: str, *, weights: bool = True,
@@ -53,6 +57,10 @@ def load_model(path: str, device: torch.device, dtype: str, *, weights: bool = T
         tokenizer = load_tokenizer(path)
     if not weights:
         return None, tokenizer
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=TORCH_DTYPES[dtype],
-                                                 attn_implementation=attn_implementation)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=TORCH_DTYPES[dtype],
+                                                     attn_implementation=attn_implementation)
+    except OSError as error:  # transformers' "no file named model.safetensors ...": missing weights
+        raise UserError(f"model directory {path!r} has no loadable weights: {' '.join(str(error).split())}") \
+            from error
     return model.to(device).eval(), tokenizer

@@ -93,3 +93,10 @@ def test_a_user_error_from_deep_inside_is_one_line(tmp_path, monkeypatch, capsys
 
     monkeypatch.setattr(siri.trainer, "train", refused)
     assert "something the user can fix" in error_of(capsys, ["train", *tiny_overrides(tmp_path)])
+
+
+def test_a_model_directory_without_weights(tmp_path, capsys):
+    model_dir = save_model_dir(str(tmp_path / "model"))
+    (tmp_path / "model" / "model.safetensors").unlink()
+    err = error_of(capsys, ["train", *tiny_overrides(tmp_path, **{"model.path": model_dir})])
+    assert "has no loadable weights" in err and model_dir in err
