@@ -35,7 +35,9 @@ def test_quick_start_gives_the_two_commands_and_ci_runs_the_test_one():
 
 
 # A repository path as documents write it: a top-level folder, then a file with an extension.
-_REPO_PATH = re.compile(r"\b(?:kernels|siri|csrc|benchmarks|tests|docs|configs)/[\w./-]*\w\.(?:py|md|yaml|sh|cpp|cu|h|json)\b")
+_REPO_PATH = re.compile(
+    r"\b(?:kernels|siri|csrc|benchmarks|tests|docs|configs)/[\w./-]*\w\.(?:py|md|yaml|sh|cpp|cu|h|json)\b"
+)
 
 
 def test_documents_and_docstrings_cite_only_files_the_repository_has():
