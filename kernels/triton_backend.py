@@ -9,6 +9,8 @@ Runs on CUDA tensors, and on CPU tensors under the Triton interpreter
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 
 import torch
@@ -19,7 +21,7 @@ from .config import RATIO_LOG_CLAMP, LossConfig
 try:
     import triton
 
-    from .triton_kernels import block_size_and_warps
+    from .triton_kernels import rereads_row
     from .triton_launches import LOGPROB, LOGPROB_BACKWARD, POLICY_LOSS, SCALE_UNLESS_ONE
 except ImportError:  # triton is optional: the backend reports itself unavailable
     triton = None
@@ -39,6 +41,57 @@ def _or(tensor, fallback):
     return fallback if tensor is None else tensor
 
 
+# Share of L2 that the rows in flight of a re-reading kernel may fill: pass 2 must find
+# them there, next to the gradient rows streaming out and other tenants of the cache.
+L2_ROW_FRACTION = 0.6
+# CTAs per SM at most for such a kernel (16 warps each: 2 fill half of an SM's warps).
+MAX_CTAS_PER_SM = 2
+# Programs of the persistent scale grid per SM: enough to stream, one launch when skipped.
+SCALE_PROGRAMS_PER_SM = 4
+# Programs under the interpreter (no SMs): few, and not a divisor of the test shapes, so
+# each program takes several rows and the row loop is exercised.
+INTERPRETER_PROGRAMS = 3
+
+
+def _device_shape(device: torch.device) -> tuple[int, int]:
+    """(SMs, L2 bytes) of a CUDA device."""
+    return _device_shape_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _device_shape_of(index: int) -> tuple[int, int]:
+    props = torch.cuda.get_device_properties(index)
+    return props.multi_processor_count, props.L2_cache_size
+
+
+def rows_in_flight(device: torch.device, vocab: int, itemsize: int) -> int:
+    """Programs of a persistent grid over rows that re-read part of each row from L2.
+
+    One CTA per SM at least; more only while the rows in flight (one per CTA, `vocab *
+    itemsize` bytes each) fit in L2_ROW_FRACTION of L2, so that pass 2 re-reads from L2.
+    At V = 151,936 bf16 (304 KB a row) that is one CTA per SM: 40 MB on an H100's 132 SMs
+    against 50 MB of L2, 40 MB against an H200's 60 MB.
+    """
+    if device.type != "cuda":
+        return INTERPRETER_PROGRAMS
+    return rows_in_flight_on(*_device_shape(device), vocab * itemsize)
+
+
+def rows_in_flight_on(sms: int, l2_bytes: int, row_bytes: int) -> int:
+    """`rows_in_flight` for a GPU of `sms` SMs and `l2_bytes` of L2 (no device needed)."""
+    per_sm = int(L2_ROW_FRACTION * l2_bytes // (sms * row_bytes))
+    return sms * max(1, min(MAX_CTAS_PER_SM, per_sm))
+
+
+def _grid(device: torch.device, num_rows: int, programs: int) -> tuple[int]:
+    # Under the interpreter every kernel gets the short grid, so its row loop is tested.
+    return (min(num_rows, programs if device.type == "cuda" else INTERPRETER_PROGRAMS),)
+
+
+def _base2_scale(temperature: float) -> float:
+    return math.log2(math.e) / temperature
+
+
 def policy_loss_rows(
     logits, targets, advantages, weights, old, ref, rollout, cfg: LossConfig, out: RowOutputs, grad_logits
 ):
@@ -47,11 +100,13 @@ def policy_loss_rows(
         return
     has_tis = rollout is not None and cfg.tis_cap is not None
     grad = logits if grad_logits is None else grad_logits
+    # A row that pass 2 re-reads must still be in L2: bound the rows in flight.
+    programs = rows_in_flight(logits.device, vocab, logits.element_size()) if rereads_row(vocab) else num_rows
     POLICY_LOSS(
-        (num_rows,), vocab, logits, logits.stride(0), grad, grad.stride(0),
+        _grid(logits.device, num_rows, programs), vocab, logits, logits.stride(0), grad, grad.stride(0),
         targets, advantages, weights, _or(old, weights), _or(ref, weights), _or(rollout, weights),
         out.logprobs, out.entropy, out.loss, out.kl, out.clipped,
-        vocab, 1.0 / cfg.temperature, cfg.clip_low, cfg.clip_high,
+        num_rows, vocab, _base2_scale(cfg.temperature), 1.0 / cfg.temperature, cfg.clip_low, cfg.clip_high,
         cfg.dual_clip if cfg.has_dual_clip else 0.0, cfg.kl_coef, cfg.entropy_coef,
         cfg.tis_cap if has_tis else 0.0, RATIO_LOG_CLAMP,
         HAS_OLD=old is not None, HAS_REF=ref is not None, KL_ESTIMATOR=cfg.kl_estimator_id,
@@ -65,8 +120,8 @@ def logprob_rows(logits, targets, temperature, logprobs, entropy, lse):
     if num_rows == 0:
         return
     LOGPROB(
-        (num_rows,), vocab, logits, logits.stride(0), targets, logprobs, _or(entropy, lse), lse,
-        vocab, 1.0 / temperature, WITH_ENTROPY=entropy is not None,
+        _grid(logits.device, num_rows, num_rows), vocab, logits, logits.stride(0), targets, logprobs,
+        _or(entropy, lse), lse, num_rows, vocab, _base2_scale(temperature), WITH_ENTROPY=entropy is not None,
     )
 
 
@@ -74,11 +129,10 @@ def logprob_backward(logits, targets, temperature, lse, logprobs, entropy, grad_
     num_rows, vocab = logits.shape
     if num_rows == 0:
         return
-    has_grad_entropy = grad_entropy is not None
     LOGPROB_BACKWARD(
-        (num_rows,), vocab, logits, logits.stride(0), grad_logits, grad_logits.stride(0), targets, lse,
-        _or(entropy, lse), grad_logprobs, _or(grad_entropy, lse), vocab, 1.0 / temperature,
-        HAS_GRAD_ENTROPY=has_grad_entropy,
+        _grid(logits.device, num_rows, num_rows), vocab, logits, logits.stride(0), grad_logits,
+        grad_logits.stride(0), targets, lse, logprobs, _or(entropy, lse), grad_logprobs, _or(grad_entropy, lse),
+        num_rows, vocab, _base2_scale(temperature), 1.0 / temperature, HAS_GRAD_ENTROPY=grad_entropy is not None,
     )
 
 
@@ -87,8 +141,8 @@ def scale_unless_one_(grad: torch.Tensor, scale: torch.Tensor) -> None:
     num_rows, vocab = grad.shape
     if num_rows == 0 or vocab == 0:
         return
-    block, _ = block_size_and_warps(vocab)
-    SCALE_UNLESS_ONE((num_rows, triton.cdiv(vocab, block)), vocab, grad, grad.stride(0), scale, vocab)
+    programs = SCALE_PROGRAMS_PER_SM * _device_shape(grad.device)[0] if grad.is_cuda else INTERPRETER_PROGRAMS
+    SCALE_UNLESS_ONE(_grid(grad.device, num_rows, programs), vocab, grad, grad.stride(0), scale, num_rows, vocab)
 
 
 def make_backend(name: str) -> Backend | None:

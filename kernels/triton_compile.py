@@ -145,8 +145,8 @@ def signature_and_attrs(launch: Launch, variant: Variant):
         signature[name] = kind
         if kind.startswith("*"):
             divisible = variant.aligned or launch.arguments[name] != LOGITS
-        else:  # the integers passed are V and row strides of V elements; floats never get it
-            divisible = kind in ("i32", "i64") and vocab % 16 == 0
+        else:  # V and row strides of V elements; not num_rows (any count); floats never get it
+            divisible = kind in ("i32", "i64") and vocab % 16 == 0 and name != "num_rows"
         if divisible:
             attrs[(index,)] = _DIVISIBLE
     signature.update({name: "constexpr" for name in constexprs})

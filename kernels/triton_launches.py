@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .triton_kernels import (
-    block_size_and_warps,
     logprob_backward_kernel,
     logprob_kernel,
     policy_loss_kernel,
+    row_tiling,
     scale_unless_one_kernel,
 )
 
@@ -30,7 +30,7 @@ TARGETS = "*targets"
 
 def block_along_vocab(vocab: int) -> tuple[dict[str, int], int]:
     """({"BLOCK_V": tile width}, num_warps) of a kernel that walks a row in tiles."""
-    block, warps = block_size_and_warps(vocab)
+    block, warps = row_tiling(vocab)
     return {"BLOCK_V": block}, warps
 
 
@@ -75,8 +75,8 @@ POLICY_LOSS = Launch(
         logits_ptr=LOGITS, logits_row_stride="i32", grad_ptr=LOGITS, grad_row_stride="i32",
         targets_ptr=TARGETS, advantages_ptr=_F32, weights_ptr=_F32, old_ptr=_F32, ref_ptr=_F32, rollout_ptr=_F32,
         logprobs_ptr=_F32, entropy_ptr=_F32, loss_ptr=_F32, kl_ptr=_F32, clipped_ptr=_F32,
-        V="i32", inv_temperature="fp32", clip_low="fp32", clip_high="fp32", dual_clip="fp32", kl_coef="fp32",
-        entropy_coef="fp32", tis_cap="fp32", ratio_log_clamp="fp32",
+        num_rows="i32", V="i32", scale="fp32", inv_temperature="fp32", clip_low="fp32", clip_high="fp32",
+        dual_clip="fp32", kl_coef="fp32", entropy_coef="fp32", tis_cap="fp32", ratio_log_clamp="fp32",
     ),
     # KL_ESTIMATOR: the ids of config.KL_ESTIMATORS; "k3" (the default) is what runs when HAS_REF is off.
     switches=dict(
@@ -90,7 +90,7 @@ LOGPROB = Launch(
     logprob_kernel,
     arguments=dict(
         logits_ptr=LOGITS, logits_row_stride="i32", targets_ptr=TARGETS, logprobs_ptr=_F32, entropy_ptr=_F32,
-        lse_ptr=_F32, V="i32", inv_temperature="fp32",
+        lse_ptr=_F32, num_rows="i32", V="i32", scale="fp32",
     ),
     switches=dict(WITH_ENTROPY=_OFF_ON),
 )
@@ -100,8 +100,8 @@ LOGPROB_BACKWARD = Launch(
     logprob_backward_kernel,
     arguments=dict(
         logits_ptr=LOGITS, logits_row_stride="i32", grad_ptr=LOGITS, grad_row_stride="i32", targets_ptr=TARGETS,
-        lse_ptr=_F32, entropy_ptr=_F32, grad_logprobs_ptr=_F32, grad_entropy_ptr=_F32, V="i32",
-        inv_temperature="fp32",
+        lse_ptr=_F32, logprobs_ptr=_F32, entropy_ptr=_F32, grad_logprobs_ptr=_F32, grad_entropy_ptr=_F32,
+        num_rows="i32", V="i32", scale="fp32", inv_temperature="fp32",
     ),
     switches=dict(HAS_GRAD_ENTROPY=_OFF_ON),
 )
@@ -110,7 +110,7 @@ LOGPROB_BACKWARD = Launch(
 SCALE_UNLESS_ONE = Launch(
     "scale_unless_one_kernel",
     scale_unless_one_kernel,
-    arguments=dict(grad_ptr=LOGITS, grad_row_stride="i32", scale_ptr=_F32, V="i32"),
+    arguments=dict(grad_ptr=LOGITS, grad_row_stride="i32", scale_ptr=_F32, num_rows="i32", V="i32"),
     switches={},
 )
 

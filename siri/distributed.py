@@ -7,10 +7,11 @@ decoder layer, then the root).
 
 Exactness: `siri.packing` normalises loss weights over the samples it is given. A rank
 only has its share, so its weights are rescaled by local/global normaliser (tokens for
-token-mean, samples otherwise), and its loss by the world size because FSDP averages the
-gradients across ranks. The sum over ranks is then exactly the single-process mini-batch
-loss. FSDP's collectives need every rank to run the same number of micro-batches: ranks
-with fewer run zero-weight ones.
+token-mean, samples otherwise) times the world size, because FSDP averages the gradients
+across ranks: that average is then exactly the single-process mini-batch gradient. The
+factor sits in the weights, not on the loss, so the backward's incoming gradient stays
+exactly 1 and the fused kernels skip their scaling pass. FSDP's collectives need every
+rank to run the same number of micro-batches: ranks with fewer run zero-weight ones.
 """
 
 from __future__ import annotations
@@ -149,10 +150,11 @@ def global_normaliser(samples, loss_agg: str, mask_truncated: bool, state: DistS
 
 def globalise_weights(batches, samples, local: int, total: float, state: DistState):
     """Rescale one rank's micro-batch weights from its `local` to the `total` normaliser
-    (`global_normaliser`), then pad the list as `pad_micro_batches` does."""
+    (`global_normaliser`) times the world size (FSDP averages the ranks' gradients), then
+    pad the list as `pad_micro_batches` does. Each rank's loss is world_size times its share."""
     if not state.enabled:
         return batches
-    factor = local / total if total > 0 else 0.0
+    factor = local / total * state.world_size if total > 0 else 0.0
     return pad_micro_batches([dataclasses.replace(b, weights=b.weights * factor) for b in batches], samples, state)
 
 
@@ -177,12 +179,6 @@ def _zero_weight_batch(template, samples):
         (template,) = pack([Sample(prompt_ids=[token], response_ids=[token], advantage=0.0, old_logprobs=[0.0],
                                    ref_logprobs=[0.0], rollout_logprobs=[0.0])], max_tokens=2)
     return dataclasses.replace(template, weights=torch.zeros_like(template.weights))
-
-
-def loss_scale(state: DistState) -> float:
-    """FSDP averages gradients over ranks; scaling each rank's loss by the world size turns
-    that average into the sum the global weights are normalised for."""
-    return float(state.world_size)
 
 
 def clip_grad_norm(model: torch.nn.Module, max_norm: float | None) -> torch.Tensor:

@@ -326,9 +326,10 @@ class Trainer:
                 with self.compute():
                     out = packed_policy_loss(self.model, batch, fused_linear=a.fused_linear,
                                              backend=a.kernel_backend, **self.loss_settings)
-                (out.loss * distributed.loss_scale(self.dist)).backward()
+                out.loss.backward()
                 weight = batch.weights.sum()
-                add("loss", out.loss)
+                # The weights carry the world size (globalise_weights): the ranks' sum is the loss.
+                add("loss", out.loss / self.dist.world_size)
                 add("weight", weight)
                 for name, value in out.metrics.items():
                     add(name, value * weight)
