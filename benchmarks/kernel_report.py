@@ -4,12 +4,12 @@
     python benchmarks/kernel_report.py --arch 80 --dtype fp32 --vocab 32000
     python benchmarks/kernel_report.py --kernels old_triton_kernels.py   # another revision's kernels
 
-Compiles every kernel of `siri.kernels.triton_backend.kernel_launches` for the target
-with the specialisation a launch would get, then prints, per kernel: registers, spills
-(local memory), shared memory; for each hot loop (an innermost loop of the SASS that
-touches global memory) its instructions per logits element, that is the loop body's SASS
-instructions over the elements one thread handles per trip (BLOCK_V / threads); and the
-HBM bytes per element the design moves.
+Compiles every launch of `siri.kernels.triton_launches` for the target through
+`siri.kernels.triton_compile` (the specialisation a launch would get), then prints, per
+kernel and flag set: registers, spill bytes (ptxas's log), shared memory; for each hot
+loop (an innermost loop of the SASS that loads from global memory) its instructions per
+logits element, that is the loop body's SASS instructions over the elements one thread
+handles per trip (BLOCK_V / threads); and the HBM bytes per element the design moves.
 
 Instructions are counted statically: "all" is the whole body, "common path" leaves out
 the blocks a forward branch inside the loop jumps over (the rescale on a new row
@@ -38,11 +38,13 @@ if ROOT not in sys.path:  # `python benchmarks/kernel_report.py` from a checkout
 os.environ.pop("TRITON_INTERPRET", None)
 os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="siri-kernel-report-")
 
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+import dataclasses  # noqa: E402
 
-from siri.kernels.triton_backend import kernel_launches, rows_in_flight_on  # noqa: E402
+import triton  # noqa: E402
+
+from siri.kernels.triton_backend import rows_in_flight_on  # noqa: E402
+from siri.kernels.triton_compile import Variant, compile_variant  # noqa: E402
+from siri.kernels.triton_launches import LAUNCHES, LOGITS, TARGETS  # noqa: E402
 
 ITEMSIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
 # (name, SMs, L2 bytes) of the GPUs the L2 residency of re-read rows is shown for.
@@ -61,23 +63,53 @@ def cuda_tool(name: str) -> str:
     return found
 
 
-def compile_launch(launch, arch: int):
-    """The compiled kernel of one `KernelLaunch` for sm_<arch>."""
-    names = launch.kernel.arg_names
-    source = ASTSource(
-        launch.kernel, launch.signature,
-        constexprs={(names.index(k),): v for k, v in launch.constexprs.items()},
-        attrs={(names.index(a),): [["tt.divisibility", 16]] for a in launch.divisible_by_16},
-    )
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": launch.num_warps})
+# The flag sets each kernel is reported at: GRPO's (old log-probs, the gradient), every
+# switch on, and the forward alone; the token_logprobs kernels with the entropy.
+_GRPO = dict(HAS_OLD=True, HAS_REF=False, KL_ESTIMATOR=3, HAS_DUAL_CLIP=False, HAS_TIS=False,
+             HAS_ENTROPY_GRAD=False, COMPUTE_GRAD=True)
+REPORTED = {
+    "policy_loss_kernel": {
+        "grpo": _GRPO,
+        "every-option": dict(_GRPO, HAS_REF=True, HAS_DUAL_CLIP=True, HAS_TIS=True, HAS_ENTROPY_GRAD=True),
+        "no-grad": dict(_GRPO, COMPUTE_GRAD=False),
+    },
+    "logprob_kernel": {"entropy": dict(WITH_ENTROPY=True)},
+    "logprob_backward_kernel": {"entropy": dict(HAS_GRAD_ENTROPY=True)},
+    "scale_unless_one_kernel": {"": {}},
+}
 
 
-def resource_usage(cubin_path: str) -> dict:
-    """Registers, stack, local (spill) and shared bytes from `cuobjdump -res-usage`."""
-    text = subprocess.run([cuda_tool("cuobjdump"), "-res-usage", cubin_path], capture_output=True, text=True,
-                          check=True).stdout
-    fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", text))
-    return {key.lower(): int(value) for key, value in fields.items()}
+def _arguments_by_name(kernel) -> dict:
+    # Another revision's kernels: the argument types follow the parameter names.
+    found = {}
+    for param in kernel.params:
+        if param.is_constexpr:
+            continue
+        name = param.name
+        if name in ("logits_ptr", "grad_ptr"):
+            found[name] = LOGITS
+        elif name == "targets_ptr":
+            found[name] = TARGETS
+        elif name.endswith("_ptr"):
+            found[name] = "*fp32"
+        else:
+            found[name] = "i32" if name.endswith("_stride") or name in ("num_rows", "V") else "fp32"
+    return found
+
+
+def launches(kernels=None):
+    """This checkout's launches, or the same launches of the kernels in module `kernels`."""
+    if kernels is None:
+        return LAUNCHES
+    replaced = []
+    for launch in LAUNCHES:
+        kernel = getattr(kernels, launch.name)
+        constexprs = {p.name for p in kernel.params if p.is_constexpr}
+        replaced.append(dataclasses.replace(
+            launch, kernel=kernel, arguments=_arguments_by_name(kernel),
+            switches={k: v for k, v in launch.switches.items() if k in constexprs},
+        ))
+    return replaced
 
 
 def sass_instructions(cubin_path: str) -> list[tuple[int, str]]:
@@ -121,19 +153,17 @@ def hot_loops(instructions) -> list[dict]:
     return found
 
 
-def traffic_by_design(launch, vocab: int, dtype: str) -> str:
+def traffic_by_design(name: str, switches: dict, block: int, vocab: int, dtype: str) -> str:
     """HBM bytes per logits element the kernel moves by design, and where its re-read comes from."""
     size = ITEMSIZE[dtype]
-    name = launch.name
     if name.startswith("scale_unless_one"):
         return f"0 (scale == 1: skipped); else {2 * size} (read + write)"
     if name.startswith("logprob_kernel"):
         return f"{size} (one read)"
     if name.startswith("logprob_backward"):
         return f"{2 * size} (one read, one write)"
-    if not launch.constexprs.get("COMPUTE_GRAD"):
+    if not switches.get("COMPUTE_GRAD"):
         return f"{size} (one read)"
-    block = launch.block_v
     reread = (vocab - 1) // block * block / vocab
     text = f"{2 * size} (one read, one write)"
     if reread == 0:
@@ -156,26 +186,35 @@ def load_kernels(path: str):
 def report(arch: int, dtype: str, vocab: int, kernels=None) -> list[dict]:
     rows = []
     workdir = tempfile.mkdtemp(prefix="siri-kernel-report-cubin-")
-    for launch in kernel_launches(vocab, dtype, kernels):
-        compiled = compile_launch(launch, arch)
-        cubin = os.path.join(workdir, f"{re.sub(r'[^A-Za-z0-9_]+', '_', launch.name)}.cubin")
-        with open(cubin, "wb") as handle:
-            handle.write(compiled.asm["cubin"])
-        usage = resource_usage(cubin)
-        per_thread = launch.block_v / (32 * launch.num_warps)
-        loops = hot_loops(sass_instructions(cubin))
-        rows.append(dict(kernel=launch.name, warps=launch.num_warps, block_v=launch.block_v, **usage,
-                         loops=[dict(loop, per_element=loop["instructions"] / per_thread,
-                                     common_per_element=loop["common"] / per_thread) for loop in loops],
-                         # The traffic model is this checkout's design, not another file's.
-                         traffic=traffic_by_design(launch, vocab, dtype) if kernels is None else "—"))
+    for launch in launches(kernels):
+        sizes, warps = launch.tiling(vocab)
+        for flags, switches in REPORTED[launch.name].items():
+            switches = {k: v for k, v in switches.items() if k in launch.switches}
+            variant = Variant(launch.name, arch, dtype, (vocab,), tuple(switches.items()))
+            compiled, kernel = compile_variant(launch, variant, keep_kernel=True)
+            name = f"{launch.name}[{flags}]" if flags else launch.name
+            if compiled.error is not None:
+                raise SystemExit(f"{name}: {compiled.error}")
+            cubin = os.path.join(workdir, f"{name.replace('[', '_').replace(']', '')}.cubin")
+            with open(cubin, "wb") as handle:
+                handle.write(kernel.asm["cubin"])
+            per_thread = sizes["BLOCK_V"] / (32 * warps)
+            loops = hot_loops(sass_instructions(cubin))
+            rows.append(dict(
+                kernel=name, warps=warps, block_v=sizes["BLOCK_V"], registers=compiled.registers,
+                spills=compiled.spill_stores + compiled.spill_loads, shared=compiled.shared_bytes,
+                loops=[dict(loop, per_element=loop["instructions"] / per_thread,
+                            common_per_element=loop["common"] / per_thread) for loop in loops],
+                # The traffic model is this checkout's design, not another file's.
+                traffic=traffic_by_design(name, switches, sizes["BLOCK_V"], vocab, dtype) if kernels is None else "—",
+            ))
     shutil.rmtree(workdir, ignore_errors=True)
     return rows
 
 
 def print_report(rows, arch: int, dtype: str, vocab: int) -> None:
     print(f"# Triton {triton.__version__}, sm_{arch}, {dtype} logits, V = {vocab:,}\n")
-    print("| kernel | warps | BLOCK_V | registers | spills (local B) | shared B | hot loops: SASS per element, "
+    print("| kernel | warps | BLOCK_V | registers | spills (B) | shared B | hot loops: SASS per element, "
           "all / common path (loads, barriers, exp2 per trip) | HBM bytes per element by design |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
@@ -188,8 +227,8 @@ def print_report(rows, arch: int, dtype: str, vocab: int) -> None:
         common = sum(loop["common_per_element"] for loop in row["loops"])
         if len(row["loops"]) > 1:
             loops += f"; sum {total:.2f} / {common:.2f}"
-        print(f"| {row['kernel']} | {row['warps']} | {row['block_v']} | {row.get('reg')} | {row.get('local')} | "
-              f"{row.get('shared')} | {loops} | {row['traffic']} |")
+        print(f"| {row['kernel']} | {row['warps']} | {row['block_v']} | {row['registers']} | {row['spills']} | "
+              f"{row['shared']} | {loops} | {row['traffic']} |")
 
 
 def main() -> None:
