@@ -1,7 +1,9 @@
 """Hidden states + LM head to the policy loss, forward+backward: fused against naive.
 
 Methods, all measured in the same process:
-- siri-fused: `fused_linear_policy_loss`, chunked, the [T, V] logits never built;
+- siri-fused: `fused_linear_policy_loss`, its default vocabulary split (the [T, V] logits
+  never built, about 1% of them at a time, recomputed for the gradient);
+- siri-fused-chunks: the same with `chunk_size=1024` (row chunks with their full logits);
 - siri-logits: logits = hidden @ weight.T materialised, then siri's fused `policy_loss` with
   its default out-of-place gradient (`inplace_backward=True` would reuse the logits'
   buffer, about one [T, V] less: not measured here);
@@ -9,7 +11,8 @@ Methods, all measured in the same process:
 - compile: `torch.compile` of naive.
 
 Floor: three GEMMs (logits, grad of hidden, grad of weight), 6 * T * H * V flops over the
-bf16 (GPU) or float32 (CPU) matmul rate measured in this run. Memory: `peak_extra_mb` is
+bf16 (GPU) or float32 (CPU) matmul rate measured in this run (the vocabulary split's own
+floor, with the logits recomputed, is 8 * T * H * V: 4/3 of it). Memory: `peak_extra_mb` is
 the peak beyond the inputs, `overhead_mb` that less the gradients of hidden and weight
 (outputs every method must hold), also as a fraction of the [T, V] logits.
 """
@@ -58,6 +61,8 @@ compiled_naive_loss = compiled_on_first_call(naive_loss)
 METHODS = {
     "siri-fused": lambda h, w, *a: fused_linear_policy_loss(h, w, *a[:3], old_logprobs=a[3], clip_low=GRPO.clip_low,
                                                             clip_high=GRPO.clip_high).loss,
+    "siri-fused-chunks": lambda h, w, *a: fused_linear_policy_loss(
+        h, w, *a[:3], old_logprobs=a[3], clip_low=GRPO.clip_low, clip_high=GRPO.clip_high, chunk_size=1024).loss,
     "siri-logits": lambda h, w, *a: policy_loss(h @ w.t(), *a[:3], old_logprobs=a[3]).loss,
     "naive": naive_loss,
     "compile": compiled_naive_loss,

@@ -25,8 +25,8 @@ logprob_rows(logits, targets, temperature, logprobs, entropy, lse)
 
 logprob_backward(logits, targets, temperature, lse, logprobs, entropy, grad_logprobs,
                  grad_entropy, grad_logits)
-    grad_logits[t] = (g_t (onehot(y_t) - p_t) - h_t p_t (log p_t + H_t)) / temperature,
-    g = grad_logprobs, h = grad_entropy (the entropy term only when grad_entropy is not None).
+    grad_logits = reference.logits_gradient(logits, targets, temperature, lse, entropy, c=grad_logprobs,
+    e=grad_entropy): d(g logp + h H) / d logits (the entropy term only when grad_entropy is not None).
 """
 
 from __future__ import annotations

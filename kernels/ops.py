@@ -9,6 +9,9 @@ give, and never breaks the graph on the data-dependent checks or the launches in
     siri::token_logprobs            -> (logprobs, entropy, lse)
     siri::token_logprobs_backward   -> grad_logits
     siri::scale_grad_               grad *= scale, in place
+    siri::fused_linear_policy_loss  -> (logprobs, entropy, loss_rows, kl, clipped, grad_hidden, grad_weight,
+                                        grad_bias), from hidden states and an LM head (fused_linear.py)
+    siri::fused_linear_token_logprobs -> (logprobs, entropy)
 
 Per-row outputs are float32 [T]; an output that was not asked for is an empty tensor.
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from . import fused_linear_algorithms as linear
 from .backends import RowOutputs, resolve_backend
 from .config import LossConfig, check_temperature
 from .validation import check_policy_values, check_target_values
@@ -153,3 +157,82 @@ def _scale_grad_op(grad, scale):
 @torch.library.register_fake("siri::scale_grad_")
 def _(grad, scale):
     return None
+
+
+# The fused-linear ops: `chunk_size` None runs the vocabulary split, an int the row chunks
+# (fused_linear_algorithms.py); gradients not asked for come back as empty tensors.
+torch.library.define(
+    "siri::fused_linear_policy_loss",
+    "(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor advantages, Tensor weights, "
+    "Tensor? old_logprobs, Tensor? ref_logprobs, Tensor? rollout_logprobs, float temperature, float clip_low, "
+    "float clip_high, float? dual_clip, float kl_coef, str kl_estimator, float entropy_coef, float? tis_cap, "
+    "str backend, int? chunk_size, bool grad_hidden, bool grad_weight) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+)
+torch.library.define(
+    "siri::fused_linear_token_logprobs",
+    "(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, float temperature, bool with_entropy, "
+    "str backend, int? chunk_size) -> (Tensor, Tensor)",
+)
+
+
+def _cast_or_empty(grad, like, fallback):
+    return fallback.new_empty(0) if grad is None else grad.to(like.dtype)
+
+
+@torch.library.impl("siri::fused_linear_policy_loss", "default")
+def _fused_linear_policy_loss_op(hidden, weight, bias, targets, advantages, weights, old_logprobs, ref_logprobs,
+                                 rollout_logprobs, temperature, clip_low, clip_high, dual_clip, kl_coef,
+                                 kl_estimator, entropy_coef, tis_cap, backend, chunk_size, grad_hidden, grad_weight):
+    cfg = LossConfig(temperature, clip_low, clip_high, dual_clip, kl_coef, kl_estimator, entropy_coef, tis_cap)
+    num_rows, vocab = hidden.shape[0], weight.shape[0]
+    check_policy_values(targets, advantages, weights, vocab)
+    impl = resolve_backend(backend, hidden.device)
+    per_token = [_float32(t) for t in (advantages, weights, old_logprobs, ref_logprobs, rollout_logprobs)]
+    if chunk_size is None:
+        algorithm = linear.vocab_split_policy_loss
+        size = linear.vocab_slice_size(num_rows, vocab, hidden.dtype.itemsize)
+    else:
+        algorithm, size = linear.row_chunked_policy_loss, chunk_size
+    out, hidden_grad, weight_grad, bias_grad = algorithm(
+        hidden, weight, bias, targets.contiguous(), *per_token, cfg, impl, size, grad_hidden, grad_weight
+    )
+    return (out.logprobs, out.entropy, out.loss, out.kl, out.clipped, _cast_or_empty(hidden_grad, hidden, hidden),
+            _cast_or_empty(weight_grad, weight, hidden),
+            _cast_or_empty(bias_grad, bias, hidden) if bias is not None else hidden.new_empty(0))
+
+
+@torch.library.register_fake("siri::fused_linear_policy_loss")
+def _(hidden, weight, bias, *args):
+    grad_hidden, grad_weight = args[-2], args[-1]
+    rows = _fake_rows(hidden)
+    hidden_grad = torch.empty_like(hidden) if grad_hidden else hidden.new_empty(0)
+    weight_grad = torch.empty_like(weight) if grad_weight else weight.new_empty(0)
+    bias_grad = torch.empty_like(bias) if grad_weight and bias is not None else hidden.new_empty(0)
+    return (*rows, hidden_grad, weight_grad, bias_grad)
+
+
+@torch.library.impl("siri::fused_linear_token_logprobs", "default")
+def _fused_linear_token_logprobs_op(hidden, weight, bias, targets, temperature, with_entropy, backend, chunk_size):
+    num_rows, vocab = hidden.shape[0], weight.shape[0]
+    check_target_values(targets, vocab)
+    impl = resolve_backend(backend, hidden.device)
+    if chunk_size is None:
+        size = linear.vocab_slice_size(num_rows, vocab, hidden.dtype.itemsize)
+        logprobs, entropy = linear.vocab_split_token_logprobs(
+            hidden, weight, bias, targets.contiguous(), temperature, impl, size
+        )
+    else:
+        logprobs, entropy = linear.row_chunked_token_logprobs(
+            hidden, weight, bias, targets.contiguous(), temperature, with_entropy, impl, chunk_size
+        )
+    return logprobs, entropy if with_entropy else entropy.new_empty(0)
+
+
+@torch.library.register_fake("siri::fused_linear_token_logprobs")
+def _(hidden, weight, bias, targets, temperature, with_entropy, backend, chunk_size):
+    num_rows = hidden.shape[0]
+    return (
+        hidden.new_empty(num_rows, dtype=torch.float32),
+        hidden.new_empty(num_rows if with_entropy else 0, dtype=torch.float32),
+    )

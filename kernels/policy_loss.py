@@ -7,6 +7,7 @@ from typing import NamedTuple
 import torch
 
 from . import ops  # noqa: F401  (registers torch.ops.siri.*)
+from .autograd_returns import InputGradients
 from .backends import check_backend_name
 from .config import CLIP_DUAL, CLIP_RATIO, check_loss_settings
 from .validation import check_policy_structure
@@ -71,7 +72,10 @@ class _PolicyLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, *_non_differentiable):
         (grad_logits,) = ctx.saved_tensors
         torch.ops.siri.scale_grad_(grad_logits, grad_loss)
-        return (grad_logits,) + (None,) * 17
+        return _POLICY_LOSS_GRADIENTS(logits=grad_logits)
+
+
+_POLICY_LOSS_GRADIENTS = InputGradients(_PolicyLoss.forward)
 
 
 def policy_loss(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import ops  # noqa: F401  (registers torch.ops.siri.*)
+from .autograd_returns import InputGradients
 from .backends import check_backend_name
 from .config import check_temperature
 from .validation import check_logits, check_targets
@@ -31,7 +32,10 @@ class _TokenLogprobs(torch.autograd.Function):
         grad_logits = torch.ops.siri.token_logprobs_backward(
             logits, targets, lse, logprobs, entropy, grad_logprobs, grad_entropy, ctx.temperature, ctx.backend
         )
-        return grad_logits, None, None, None, None
+        return _TOKEN_LOGPROBS_GRADIENTS(logits=grad_logits)
+
+
+_TOKEN_LOGPROBS_GRADIENTS = InputGradients(_TokenLogprobs.forward)
 
 
 def token_logprobs(

@@ -25,10 +25,10 @@ of a compare per element. Temperature, lengths and coefficients are runtime argu
 only the feature switches are `tl.constexpr`, so a new length or coefficient never
 recompiles.
 
-Gradient of one row, in the form of `reference.logits_gradient`: with c = d loss / d logp
-and e = d loss / d H, d loss / d z_j = (c onehot_j - p_j (c + e (log p_j + H))) / tau. In
-base 2, t_j = log2 p_j and log p_j = ln2 t_j, so the non-target part is
-p_j (A t_j + B) with A = -e ln2 / tau and B = -(c + e H) / tau, and the target adds c / tau.
+Gradient of one row: the formula of `reference.logits_gradient` (derived there), with
+c = d loss / d logp and e = d loss / d H, in base 2: with t_j = log2 p_j (log p_j = ln2 t_j)
+the non-target part is p_j (A t_j + B), A = -e ln2 / tau, B = -(c + e H) / tau, and the
+target adds c / tau.
 """
 
 import triton

@@ -6,10 +6,22 @@ from conftest import DEVICE
 from kernel_cases import OPTION_SETS, assert_close_to_oracle, backends_on, loss_config, make_case
 
 from siri.kernels import fused_linear_policy_loss, fused_linear_token_logprobs
-from siri.kernels.fused_linear import default_chunk_size
+from siri.kernels import fused_linear_algorithms
+from siri.kernels.fused_linear_algorithms import vocab_slice_size
 from siri.kernels.reference import logprobs_and_entropy, policy_loss_reference
 
 BACKENDS = backends_on(DEVICE)
+# chunk_size None: the vocabulary split (made to cut these small vocabularies into several
+# slices and row blocks by `small_slices`); an int: row chunks.
+CHUNKINGS = [None, 16]
+
+
+@pytest.fixture(autouse=True)
+def small_slices(monkeypatch):
+    """Slices of 32 columns and gradient blocks of a few rows at the tests' sizes, so that the
+    merge across slices and the row blocks are exercised (the defaults give one slice here)."""
+    monkeypatch.setattr(fused_linear_algorithms, "SLICE_MEMORY_FLOOR_BYTES", 0)
+    monkeypatch.setattr(fused_linear_algorithms, "SLICE_COLUMN_MULTIPLE", 32)
 
 
 def make_linear(num_rows, hidden_size, vocab, dtype, seed, with_bias):
@@ -34,9 +46,24 @@ def reference(hidden, weight, bias, targets, advantages, weights, kw, dtype):
     return out, grads
 
 
+def near_linear_logprobs(kw, hidden, weight, bias, targets, seed):
+    """Old, reference and rollout log-probs near the linear model's own (make_case's sit near
+    its random logits'), so that ratios fall on both sides of the clip bounds rather than at
+    exp(6), where a loss of thousands turns one float32 rounding of the GEMM into 1e-4."""
+    logits = hidden.double() @ weight.double().t() + (0 if bias is None else bias.double())
+    true_logp = torch.log_softmax(logits / kw.get("temperature", 1.0), -1)
+    true_logp = true_logp.gather(-1, targets.clamp(0, weight.shape[0] - 1)[:, None])[:, 0]
+    gen = torch.Generator().manual_seed(seed)
+    for name, spread in (("old_logprobs", 0.3), ("ref_logprobs", 0.5), ("rollout_logprobs", 0.4)):
+        if name in kw:
+            noise = torch.randn(targets.shape[0], generator=gen, dtype=torch.float64).to(DEVICE)
+            kw[name] = (true_logp + spread * noise).float()
+
+
 def check(backend, num_rows, hidden_size, vocab, options, *, chunk_size, with_bias, seed, dtype=torch.float32):
     hidden, weight, bias = make_linear(num_rows, hidden_size, vocab, dtype, seed, with_bias)
     _, targets, advantages, weights, kw = make_case(num_rows, vocab, torch.float32, options, seed=seed, device=DEVICE)
+    near_linear_logprobs(kw, hidden, weight, bias, targets, seed)
     oracle, oracle_grads = reference(hidden, weight, bias, targets, advantages, weights, kw, torch.float64)
     leaves = [t.clone().requires_grad_(True) if t is not None else None for t in (hidden, weight, bias)]
     out = fused_linear_policy_loss(
@@ -55,11 +82,14 @@ def check(backend, num_rows, hidden_size, vocab, options, *, chunk_size, with_bi
     return out
 
 
+@pytest.mark.parametrize("chunk_size", CHUNKINGS, ids=str)
 @pytest.mark.parametrize("options", OPTION_SETS, ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_every_option_matches_logits_path(backend, options):
-    # 50 rows in chunks of 16: the last chunk is ragged. H = 37 and V = 211 are prime.
-    check(backend, 50, 37, 211, OPTION_SETS[options], chunk_size=16, with_bias=options == "everything", seed=11)
+def test_every_option_matches_logits_path(backend, options, chunk_size):
+    # 50 rows in chunks of 16 (the last one ragged), or V = 211 in 7 slices of 32 columns
+    # (the last one ragged) and gradient blocks of 1 row. H = 37 and V = 211 are prime.
+    check(backend, 50, 37, 211, OPTION_SETS[options], chunk_size=chunk_size, with_bias=options == "everything",
+          seed=11)
 
 
 @pytest.mark.parametrize(
@@ -68,6 +98,7 @@ def test_every_option_matches_logits_path(backend, options):
         (0, 8, 30, None),  # nothing to score
         (1, 1, 1, None),  # one row, a one-token vocabulary
         (33, 64, 1823, 7),  # chunks that divide nothing
+        (33, 64, 1823, None),  # slices that divide nothing
         (40, 24, 97, 1000),  # one chunk larger than T
     ],
 )
@@ -79,11 +110,11 @@ def test_odd_shapes_and_chunks(backend, num_rows, hidden_size, vocab, chunk_size
     )
 
 
+@pytest.mark.parametrize("chunk_size", [None, 8], ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_bfloat16(backend):
-    check(
-        backend, 24, 32, 300, OPTION_SETS["old-logprobs"], chunk_size=8, with_bias=False, seed=3, dtype=torch.bfloat16
-    )
+def test_bfloat16(backend, chunk_size):
+    check(backend, 24, 32, 300, OPTION_SETS["old-logprobs"], chunk_size=chunk_size, with_bias=False, seed=3,
+          dtype=torch.bfloat16)
 
 
 def test_frozen_head_gets_no_weight_gradient():
@@ -108,13 +139,14 @@ def test_incoming_gradient_scales_every_gradient():
         torch.testing.assert_close(three, 3 * one)
 
 
+@pytest.mark.parametrize("chunk_size", [None, 6], ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_token_logprobs(backend):
+def test_token_logprobs(backend, chunk_size):
     hidden, weight, bias = make_linear(29, 20, 333, torch.float32, 5, True)
     targets = torch.randint(0, 333, (29,), device=DEVICE)
     with torch.no_grad():
         logp, ent = fused_linear_token_logprobs(hidden, weight, targets, bias=bias, temperature=0.8,
-                                                return_entropy=True, chunk_size=6, backend=backend)
+                                                return_entropy=True, chunk_size=chunk_size, backend=backend)
     expected = logprobs_and_entropy((hidden.double() @ weight.double().t() + bias.double()), targets, 0.8)
     torch.testing.assert_close(logp.double(), expected[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ent.double(), expected[1], atol=1e-5, rtol=1e-5)
@@ -147,13 +179,18 @@ def test_bad_input(change, named):
                                  bias=args["bias"], chunk_size=args["chunk_size"])
 
 
-def test_default_chunk_size():
-    # Qwen2 vocabulary, 16K tokens, bf16: 1% of the 4.6 GiB logits is 163 rows -> 160.
-    assert default_chunk_size(16_384, 151_936, 2) == 160
-    # Small batches get the 32 MiB floor instead of a few-row chunk: 32 MiB / 128 KB = 262 -> 256.
-    assert default_chunk_size(8192, 32_000, 4) == 256
-    # A vocabulary row larger than the floor still gets one tile of rows.
-    assert default_chunk_size(10, 10_000_000, 4) == 16
+def test_vocab_slice_size(monkeypatch):
+    monkeypatch.undo()  # the real sizes, not the small_slices fixture's
+    for num_rows, vocab, itemsize in ((16_384, 151_936, 2), (4096, 151_936, 2), (8192, 32_000, 4), (10, 100, 4)):
+        columns, block_rows = vocab_slice_size(num_rows, vocab, itemsize)
+        budget = max(0.01 * num_rows * vocab * itemsize, 32 << 20)
+        # The slice of logits and the float32 temporaries of one block fit the budget.
+        assert num_rows * columns * itemsize + block_rows * columns * 8 <= budget
+        assert columns == vocab or columns % 128 == 0
+    # Qwen2's vocabulary at 16K bf16 tokens: 640-column slices (238 of them) in 1% of the logits.
+    assert vocab_slice_size(16_384, 151_936, 2) == (640, 4861)
+    # A vocabulary narrower than a slice is one slice.
+    assert vocab_slice_size(10, 100, 4)[0] == 100
 
 
 def test_compiles_without_graph_break():
@@ -170,3 +207,18 @@ def test_compiles_without_graph_break():
     torch.compile(step, fullgraph=True, backend="aot_eager")(*compiled).backward()
     for a, e in zip(compiled, eager):
         torch.testing.assert_close(a.grad, e.grad)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 8], ids=str)
+def test_opcheck_fused_linear_ops(chunk_size):
+    hidden, weight, bias = make_linear(12, 16, 70, torch.float32, 4, True)
+    _, targets, advantages, weights, kw = make_case(12, 70, torch.float32, OPTION_SETS["everything"], seed=4,
+                                                    device=DEVICE)
+    policy_args = (targets, advantages, weights, kw["old_logprobs"], kw["ref_logprobs"], kw["rollout_logprobs"],
+                   1.3, 0.1, 0.3, 2.5, 0.2, "k3", 0.01, 1.5, "auto", chunk_size)
+    for grads in ((True, True), (False, False)):
+        torch.library.opcheck(torch.ops.siri.fused_linear_policy_loss.default, (hidden, weight, bias, *policy_args,
+                                                                                *grads))
+    valid = targets.clamp(0, 69)
+    torch.library.opcheck(torch.ops.siri.fused_linear_token_logprobs.default,
+                          (hidden, weight, bias, valid, 0.9, True, "auto", chunk_size))

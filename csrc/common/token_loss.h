@@ -47,7 +47,7 @@ SIRI_HOST_DEVICE float stats_entropy(SoftmaxStats st) { return logf(st.s) - st.a
 
 // What one active row contributes: outputs and the derivatives of weight * l w.r.t. logp
 // (grad_logp, "c") and H (grad_entropy, "e"); the gradient pass turns them into
-// d(w l)/dz_j = [c (onehot_j - p_j) - e p_j (log p_j + H)] / temperature.
+// d(w l)/dz by logits_gradient's formula (kernels/reference.py).
 struct TokenLoss {
   float loss;  // weight * l
   float kl;

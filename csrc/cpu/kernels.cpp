@@ -5,8 +5,7 @@
 // Each row takes two passes, both reading the logits as float32:
 //   1. statistics: an online max / sum-exp / entropy accumulator (token_loss.h), by blocks
 //      small enough to stay in L1 so that each block's max is found before its exps;
-//   2. gradient: d(w l)/dz_j = [c (onehot_j - p_j) - e p_j (log p_j + H)] / tau, from
-//      d logp / du_j = onehot_j - p_j and dH / du_j = -p_j (log p_j + H), where
+//   2. gradient: logits_gradient's formula (kernels/reference.py, derived there), with
 //      c = d(w l)/d logp and e = d(w l)/dH, written in the logits' dtype (possibly over
 //      the logits themselves). A row of V float32 logits is 4V bytes, 128 KB at V = 32000:
 //      it is still in L2 when pass 2 re-reads it.

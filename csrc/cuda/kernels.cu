@@ -13,9 +13,8 @@
 //   few dozen floats) and, when a gradient is asked for, each of its blocks re-reads its
 //   chunk and writes the gradient. The logits are read at most twice either way.
 //
-// Gradient of one row (u = z / tau, p = softmax(u), H = -sum p log p):
-//   d logp / du_j = onehot_j - p_j,  dH / du_j = -p_j (log p_j + H),
-// so with c = d loss / d logp and e = d loss / dH,
+// Gradient of one row: the formula of logits_gradient in kernels/reference.py (derived
+// there), with c = d loss / d logp and e = d loss / dH arranged as
 //   d loss / dz_j = p_j (k1 + k2 (log p_j + H)) + [j = y] c / tau,  k1 = -c / tau, k2 = -e / tau.
 
 #include <cfloat>

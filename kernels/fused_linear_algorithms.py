@@ -1,0 +1,248 @@
+"""The two algorithms behind `fused_linear_policy_loss`, for hidden [T, H] and a head [V, H].
+
+Vocabulary split (the default, memory-lean; verl's structure). The vocabulary is cut into
+slices of s columns; one [T, s] slice of logits exists at a time (with float32 temporaries
+for a block of its rows): about 1% of the [T, V] logits (`vocab_slice_size`).
+
+    statistics pass, per slice:  logits_s = hidden @ weight_s.T (+ bias_s); the backend's
+        `logprob_rows` gives each row's log-sum-exp, entropy and target log-prob within
+        the slice, merged across slices into the row's (online, in float64 over [T]);
+    per-token loss:  `reference.per_token_loss` on [T] vectors gives c = d loss / d logp;
+    gradient pass, per slice:  logits_s recomputed, d loss / d logits_s formed
+        (`reference.logits_gradient`'s formula), then
+        grad_weight[slice] = dlogits_s.T @ hidden          written once, one GEMM over T
+        grad_hidden       += dlogits_s @ weight_s          float32 accumulator
+        grad_bias[slice]   = dlogits_s.sum(0)
+
+Four GEMMs of 2 T H V flops: the recompute floor 8 T H V. The head's gradient is one GEMM
+per slice (float32 accumulation inside the GEMM, one rounding); the hidden gradient adds
+one half-precision product per slice into float32.
+
+Row chunks (`chunk_size`, trades memory for speed). The rows are cut into chunks of c:
+
+    logits_c = hidden_c @ weight.T (+ bias)   [c, V]; the backend's `policy_loss_rows`
+        writes the outputs and d loss / d logits over it in place
+    grad_hidden_c  = dlogits_c @ weight
+    grad_weight   += dlogits_c.T @ hidden_c   float32 accumulator when weight is half precision
+
+Three GEMMs (6 T H V flops) but the [V, H] head gradient is read and written per chunk:
+chunks of >= 1,024 rows keep that traffic small against the GEMMs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .backends import RowOutputs
+from .config import LossConfig
+from .reference import per_token_loss
+
+# Memory of the vocabulary split beyond its outputs: at most this fraction of the [T, V]
+# logits' bytes...
+SLICE_MEMORY_FRACTION = 0.01
+# ...or this many bytes where that is more, so that slices of short batches stay wide
+# enough for the GEMMs to run near the matmul rate.
+SLICE_MEMORY_FLOOR_BYTES = 32 << 20
+# Slice widths are a multiple of this (tensor-core tiles), never fewer.
+SLICE_COLUMN_MULTIPLE = 128
+# Float32 bytes per element of a slice's gradient temporaries (log p and one factor),
+# formed over a block of rows at a time.
+_GRADIENT_TEMPORARY_BYTES = 8
+
+
+def vocab_slice_size(num_rows: int, vocab: int, itemsize: int) -> tuple[int, int]:
+    """(columns per vocabulary slice, rows per gradient block) for T = num_rows.
+
+    Half the memory budget holds the [T, s] slice of logits (their gradient is written
+    over them), half the float32 temporaries of one [rows, s] block of its gradient.
+    """
+    half = max(SLICE_MEMORY_FRACTION * num_rows * vocab * itemsize, SLICE_MEMORY_FLOOR_BYTES) / 2
+    columns = int(half // (max(num_rows, 1) * itemsize)) // SLICE_COLUMN_MULTIPLE * SLICE_COLUMN_MULTIPLE
+    columns = min(vocab, max(SLICE_COLUMN_MULTIPLE, columns))
+    return columns, max(1, int(half // (columns * _GRADIENT_TEMPORARY_BYTES)))
+
+
+def _spans(length: int, size: int):
+    for start in range(0, length, size):
+        yield slice(start, min(start + size, length))
+
+
+def _linear(hidden, weight, bias):
+    return hidden @ weight.t() if bias is None else torch.addmm(bias, hidden, weight.t())
+
+
+def _pick(tensor, index):
+    return None if tensor is None else tensor[index]
+
+
+def _add_product_(accumulator: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """accumulator += a @ b, summed in the accumulator's dtype (float32 for half inputs)."""
+    if a.dtype == accumulator.dtype:
+        accumulator.addmm_(a, b)
+    else:  # each product rounded once to a's dtype, the running sum never
+        accumulator += torch.mm(a, b).to(accumulator.dtype)
+
+
+def _half_grad_buffer(like: torch.Tensor, zero: bool) -> torch.Tensor:
+    """Where a gradient of `like`'s shape accumulates: float32 for half precision."""
+    if like.dtype == torch.float32:
+        return torch.zeros_like(like) if zero else torch.empty_like(like)
+    return torch.zeros(like.shape, dtype=torch.float32, device=like.device)
+
+
+class RowStatistics:
+    """Log-sum-exp, entropy and target logit of every row, merged slice by slice.
+
+    A slice s gives lse_s, its own entropy H_s and (where the target falls in it) the
+    target's u_y, read from the slice's logits as the kernels read it. Over slices, lse = logsumexp_s lse_s and, with
+    slice masses w_s = exp(lse_s - lse), H = sum_s w_s (H_s - log w_s): kept as the
+    running sums of w_s H_s and -w_s log w_s relative to the running lse, in float64.
+    """
+
+    def __init__(self, num_rows: int, device: torch.device):
+        make = lambda value: torch.full((num_rows,), value, dtype=torch.float64, device=device)  # noqa: E731
+        self.lse = make(-math.inf)
+        self.mass_entropy, self.slice_entropy, self.target_logit = make(0.0), make(0.0), make(0.0)
+
+    def merge(self, lse_s, entropy_s, target_logit_s, holds_target) -> None:
+        lse_s, entropy_s = lse_s.double(), entropy_s.double()
+        lse = torch.logaddexp(self.lse, lse_s)
+        old, new = torch.exp(self.lse - lse), torch.exp(lse_s - lse)  # 0 for the -inf start
+        # -sum w log w over the slices so far, re-based from the old total lse to the new one.
+        shift = self.lse - lse
+        # A slice whose logits are all -inf (lse_s = -inf) has no mass and adds nothing.
+        self.mass_entropy = old * (self.mass_entropy - torch.where(old > 0, shift, 0.0)) \
+            - torch.where(new > 0, new * (lse_s - lse), 0.0)
+        self.slice_entropy = old * self.slice_entropy + torch.where(new > 0, new * entropy_s, 0.0)
+        self.target_logit = torch.where(holds_target, target_logit_s, self.target_logit)
+        self.lse = lse
+
+    def logprobs(self) -> torch.Tensor:
+        return (self.target_logit - self.lse).float()
+
+    def entropy(self) -> torch.Tensor:
+        return (self.slice_entropy + self.mass_entropy).float()
+
+
+def _slice_targets(targets, active, columns: slice):
+    """(targets as slice indices clamped into it, whether the row's target is in the slice)."""
+    local = targets.long() - columns.start
+    holds = active & (local >= 0) & (local < columns.stop - columns.start)
+    return local.clamp(0, columns.stop - columns.start - 1), holds
+
+
+def _vocab_statistics(hidden, weight, bias, targets, active, temperature, impl, slice_size) -> RowStatistics:
+    num_rows = hidden.shape[0]
+    stats = RowStatistics(num_rows, hidden.device)
+    make = lambda: hidden.new_empty(num_rows, dtype=torch.float32)  # noqa: E731
+    logp_s, entropy_s, lse_s = make(), make(), make()
+    all_rows = torch.arange(num_rows, device=hidden.device)
+    for columns in _spans(weight.shape[0], slice_size):
+        logits = _linear(hidden, weight[columns], _pick(bias, columns))
+        local, holds = _slice_targets(targets, active, columns)
+        impl.logprob_rows(logits, local, temperature, logp_s, entropy_s, lse_s)
+        # logp = u_y - lse from the logit itself (not logp_s + lse_s: two more roundings).
+        stats.merge(lse_s, entropy_s, logits[all_rows, local].double() / temperature, holds)
+    return stats
+
+
+def _write_slice_gradient_(logits, local, holds, lse, entropy, c, e, temperature, has_entropy_term,
+                           block_rows: int) -> None:
+    """Overwrite one slice of logits with d loss / d logits (the formula of
+    `reference.logits_gradient`, the one-hot term only where the slice holds the target),
+    `block_rows` rows at a time so that the float32 temporaries stay small."""
+    for rows in _spans(logits.shape[0], block_rows):
+        log_p = logits[rows].float().div_(temperature).sub_(lse[rows, None])  # a fresh float32 tensor
+        if has_entropy_term:
+            # c + e (log p + H); where p = 0 (a -inf logit) the product below must be 0, not NaN.
+            factor = (log_p + entropy[rows, None]).mul_(e[rows, None]).add_(c[rows, None])
+            factor.masked_fill_(log_p == -math.inf, 0.0)
+            grad = log_p.exp_().mul_(factor).neg_()
+        else:
+            grad = log_p.exp_().mul_(-c[rows, None])
+        hit = holds[rows].nonzero()[:, 0]
+        grad[hit, local[rows][hit]] += c[rows][hit]
+        logits[rows] = grad.div_(temperature)
+
+
+def vocab_split_policy_loss(hidden, weight, bias, targets, advantages, weights, old, ref, rollout, cfg: LossConfig,
+                            impl, slice_size: int, grad_hidden: bool, grad_weight: bool):
+    """(RowOutputs, grad of hidden, grad of weight, grad of bias (float32)); a gradient not
+    asked for is None. Per-token inputs float32 [T]; `slice_size` is `vocab_slice_size`'s
+    (columns, gradient block rows); see the module docstring."""
+    active = weights != 0
+    stats = _vocab_statistics(hidden, weight, bias, targets, active, cfg.temperature, impl, slice_size[0])
+    zero = torch.zeros((), device=hidden.device)
+    logprobs = torch.where(active, stats.logprobs(), zero)
+    entropy = torch.where(active, stats.entropy(), zero)
+    loss, kl, clipped, slope = per_token_loss(logprobs, entropy, advantages, old, ref, rollout, cfg)
+    out = RowOutputs(logprobs, entropy, torch.where(active, weights * loss, zero), torch.where(active, kl, zero),
+                     torch.where(active, clipped, zero))
+    if not (grad_hidden or grad_weight):
+        return out, None, None, None
+    c = torch.where(active, weights * slope, zero)
+    e = torch.where(active, -cfg.entropy_coef * weights, zero)
+    lse = stats.lse.float()
+    hidden_grad = _half_grad_buffer(hidden, zero=True) if grad_hidden else None
+    weight_grad = torch.empty_like(weight) if grad_weight else None
+    bias_grad = torch.empty(weight.shape[0], dtype=torch.float32, device=hidden.device) \
+        if grad_weight and bias is not None else None
+    columns_per_slice, block_rows = slice_size
+    for columns in _spans(weight.shape[0], columns_per_slice):
+        local, holds = _slice_targets(targets, active, columns)
+        dlogits = _linear(hidden, weight[columns], _pick(bias, columns))
+        _write_slice_gradient_(dlogits, local, holds, lse, entropy, c, e, cfg.temperature, cfg.has_entropy_grad,
+                               block_rows)
+        if grad_weight:
+            torch.mm(dlogits.t(), hidden, out=weight_grad[columns])
+            if bias_grad is not None:
+                bias_grad[columns] = dlogits.sum(0, dtype=torch.float32)
+        if grad_hidden:
+            _add_product_(hidden_grad, dlogits, weight[columns])
+    return out, hidden_grad, weight_grad, bias_grad
+
+
+def vocab_split_token_logprobs(hidden, weight, bias, targets, temperature, impl, slice_size):
+    """(logprobs, entropy) float32 [T] of every row, one vocabulary slice of logits at a time."""
+    active = torch.ones(hidden.shape[0], dtype=torch.bool, device=hidden.device)
+    stats = _vocab_statistics(hidden, weight, bias, targets, active, temperature, impl, slice_size[0])
+    return stats.logprobs(), stats.entropy()
+
+
+def row_chunked_policy_loss(hidden, weight, bias, targets, advantages, weights, old, ref, rollout, cfg: LossConfig,
+                            impl, chunk_size: int, grad_hidden: bool, grad_weight: bool):
+    """As `vocab_split_policy_loss`, by chunks of `chunk_size` rows (module docstring)."""
+    num_rows = hidden.shape[0]
+    out = RowOutputs.empty(num_rows, hidden.device)
+    hidden_grad = torch.empty_like(hidden) if grad_hidden else None
+    weight_grad = _half_grad_buffer(weight, zero=True) if grad_weight else None
+    bias_grad = torch.zeros(weight.shape[0], dtype=torch.float32, device=hidden.device) \
+        if grad_weight and bias is not None else None
+    for rows in _spans(num_rows, chunk_size):
+        hidden_chunk = hidden[rows]
+        logits = _linear(hidden_chunk, weight, bias)
+        chunk_out = RowOutputs(out.logprobs[rows], out.entropy[rows], out.loss[rows], out.kl[rows], out.clipped[rows])
+        impl.policy_loss_rows(
+            logits, targets[rows], advantages[rows], weights[rows], _pick(old, rows), _pick(ref, rows),
+            _pick(rollout, rows), cfg, chunk_out, logits if grad_hidden or grad_weight else None,
+        )
+        if grad_hidden:
+            torch.mm(logits, weight, out=hidden_grad[rows])
+        if grad_weight:
+            _add_product_(weight_grad, logits.t(), hidden_chunk)
+            if bias_grad is not None:
+                bias_grad += logits.sum(0, dtype=torch.float32)
+    return out, hidden_grad, weight_grad, bias_grad
+
+
+def row_chunked_token_logprobs(hidden, weight, bias, targets, temperature, with_entropy, impl, chunk_size):
+    num_rows = hidden.shape[0]
+    logprobs = hidden.new_empty(num_rows, dtype=torch.float32)
+    entropy = hidden.new_empty(num_rows, dtype=torch.float32)
+    lse = hidden.new_empty(num_rows, dtype=torch.float32)
+    for rows in _spans(num_rows, chunk_size):
+        impl.logprob_rows(_linear(hidden[rows], weight, bias), targets[rows], temperature, logprobs[rows],
+                          entropy[rows] if with_entropy else None, lse[rows])
+    return logprobs, entropy
