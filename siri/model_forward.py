@@ -9,7 +9,7 @@ and the loss:
     hidden = packed_hidden_states(model, batch)                 # [T, H]
     out = lm_head_policy_loss(hidden, model, targets, ...)      # LM head + loss
 
-With `fused_linear=True` (the default) the LM head and the loss run as one chunked
+With `fused_linear=True` (the default) the LM head and the loss run as one
 `siri.kernels.fused_linear_policy_loss`, so not even the [T, V] logits of the scored rows
 are built; heads that post-process their logits (Gemma 2's soft-capping) fall back to
 materialising them. Under `torch.autocast` (the trainer's mixed precision) the fused head
@@ -150,8 +150,8 @@ def lm_head_policy_loss(hidden: torch.Tensor, model, targets: torch.Tensor, adva
                         **loss_kwargs) -> PolicyLossOutput:
     """LM head + policy loss of the T gathered rows.
 
-    With `fused_linear` and a plain linear head: `fused_linear_policy_loss` (chunked, never
-    builds [T, V]; `chunk_size` as there). Otherwise the logits are built and go through
+    With `fused_linear` and a plain linear head: `fused_linear_policy_loss` (never builds
+    [T, V]; `chunk_size` as there). Otherwise the logits are built and go through
     `policy_loss`. `loss_kwargs`: the keywords of `siri.kernels.policy_loss`.
     """
     head = _fusable_head(model) if fused_linear else None
