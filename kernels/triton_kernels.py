@@ -19,7 +19,8 @@ read last by pass 1 are read first.
 Work per element is kept small: the temperature is folded into a base-2 scale
 (u = x log2(e) / tau, exp2 and log2 only); offsets within a row are 32-bit; full tiles
 load without a mask and only the tail is masked; the statistics keep per-lane sums, so
-a tile costs one block reduction (its maximum) and a row one more (both sums at once);
+a tile costs one block reduction (its maximum) and a row two more, at its end (the two
+sums; a tuple reduction would make them one, but the interpreter runs it element by element);
 the one-hot term of the target is added once per row, after the row is written, instead
 of a compare per element. Temperature, lengths and coefficients are runtime arguments;
 only the feature switches are `tl.constexpr`, so a new length or coefficient never
@@ -56,7 +57,7 @@ def row_tiling(vocab: int) -> tuple[int, int]:
     """(BLOCK_V, num_warps) for rows of `vocab` elements.
 
     A row of at most MAX_ROW_ON_CHIP elements is one tile (kept on chip); longer rows
-    stream in MAX_BLOCK_V tiles. 512 elements per warp: 16 per thread at the widest.
+    stream in MAX_BLOCK_V tiles. 512 elements per warp, 16 warps at most.
     """
     vocab = max(vocab, 1)
     block = triton.next_power_of_2(vocab) if vocab <= MAX_ROW_ON_CHIP else MAX_BLOCK_V
@@ -125,9 +126,10 @@ def _row_statistics(row_ptr, V, scale, BLOCK_V: tl.constexpr, WITH_ENTROPY: tl.c
     tail = _load_tile(row_ptr + num_full * BLOCK_V, offs, V - num_full * BLOCK_V, True, EVICT)
     m, s_acc, a_acc = _merge_tile(tail, scale, m, s_acc, a_acc, WITH_ENTROPY)
     # The lanes' sums are reduced once per row. H = ln s - ln2 a / s (nats; a is in log2 units).
-    log2_s = tl.log2(tl.sum(s_acc, axis=0))
+    s = tl.sum(s_acc, axis=0)
+    log2_s = tl.log2(s)
     if WITH_ENTROPY:
-        entropy = (log2_s - tl.sum(a_acc, axis=0) / tl.sum(s_acc, axis=0)) * LN2
+        entropy = (log2_s - tl.sum(a_acc, axis=0) / s) * LN2
     else:
         entropy = tl.zeros((), tl.float32)
     return m, log2_s, entropy, tail
