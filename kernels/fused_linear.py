@@ -86,7 +86,8 @@ def _fused_linear_policy_loss_op(hidden, weight, bias, targets, advantages, weig
                                  kl_estimator, entropy_coef, tis_cap, backend, chunk_size, grad_hidden, grad_weight):
     cfg = LossConfig(temperature, clip_low, clip_high, dual_clip, kl_coef, kl_estimator, entropy_coef, tis_cap)
     num_rows, vocab = hidden.shape[0], weight.shape[0]
-    check_policy_values(targets, advantages, weights, vocab)
+    check_policy_values(targets, advantages, weights, vocab, dict(
+        old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs))
     impl = resolve_backend(backend, hidden.device)
     targets = targets.contiguous()
     advantages, weights = _float32(advantages), _float32(weights)
@@ -257,7 +258,7 @@ def fused_linear_policy_loss(
     _check_linear(hidden, weight, bias)
     check_loss_settings(temperature, clip_low, clip_high, dual_clip, kl_coef, kl_estimator, entropy_coef, tis_cap)
     check_policy_structure(hidden, targets, advantages, weights, old_logprobs, ref_logprobs, rollout_logprobs,
-                           tis_cap, False, logits_name="hidden")
+                           tis_cap, kl_coef, False, logits_name="hidden")
     if not isinstance(inplace_backward, bool):
         raise ValueError(f"inplace_backward must be a bool, got {inplace_backward!r}")
     check_backend_name(backend)

@@ -31,9 +31,16 @@ def _pick(tensor, rows):
     return None if tensor is None else tensor[rows]
 
 
+def _clamped(targets, vocab: int):
+    # Validation rejects out-of-range targets; with SIRI_VALIDATE=0 they are clamped into the
+    # row, as the native and Triton kernels do, rather than failing inside gather.
+    return targets.clamp(0, vocab - 1)
+
+
 def policy_loss_rows(
     logits, targets, advantages, weights, old, ref, rollout, cfg: LossConfig, out: RowOutputs, grad_logits
 ):
+    targets = _clamped(targets, logits.shape[1])
     for rows in _row_blocks(logits.shape[0], logits.shape[1]):
         block = logits[rows].float()
         result = policy_loss_reference(
@@ -56,6 +63,7 @@ def policy_loss_rows(
 
 
 def logprob_rows(logits, targets, temperature, logprobs, entropy, lse):
+    targets = _clamped(targets, logits.shape[1])
     for rows in _row_blocks(logits.shape[0], logits.shape[1]):
         logp, ent, block_lse = logprobs_and_entropy(logits[rows].float(), targets[rows], temperature)
         logprobs[rows] = logp
@@ -65,6 +73,7 @@ def logprob_rows(logits, targets, temperature, logprobs, entropy, lse):
 
 
 def logprob_backward(logits, targets, temperature, lse, logprobs, entropy, grad_logprobs, grad_entropy, grad_logits):
+    targets = _clamped(targets, logits.shape[1])
     for rows in _row_blocks(logits.shape[0], logits.shape[1]):
         c = grad_logprobs[rows]
         if grad_entropy is None:

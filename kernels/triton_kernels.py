@@ -98,6 +98,12 @@ def _zero_row(grad_row_ptr, V, BLOCK_V: tl.constexpr):
 
 
 @triton.jit
+def _clamp_keep_nan(x, low, high):
+    # tl.minimum / tl.maximum may return the bound for a NaN: NaN in must give NaN out.
+    return tl.where(x < low, low, tl.where(x > high, high, x))
+
+
+@triton.jit
 def _load_target(targets_ptr, row, V):
     # Validation rejects out-of-range targets before launch; the clamp only keeps a run with
     # SIRI_VALIDATE=0 from reading outside the row.
@@ -134,14 +140,17 @@ def policy_loss_kernel(
         adv = tl.load(advantages_ptr + row)
         if HAS_OLD:
             old = tl.load(old_ptr + row)
+            log_ratio = logp - old
         else:
-            old = logp  # on-policy: old = stop_grad(logp), so the ratio is 1
-        log_ratio = logp - old
-        # d ratio / d logp = ratio inside the clamp, 0 where the clamp binds.
-        ratio_in_range = (log_ratio >= -ratio_log_clamp) & (log_ratio <= ratio_log_clamp)
-        ratio = tl.exp(tl.minimum(tl.maximum(log_ratio, -ratio_log_clamp), ratio_log_clamp))
+            # On-policy: old = stop_grad(logp), so the log-ratio is exactly 0 (even where
+            # logp = -inf and logp - old would be NaN).
+            old = logp
+            log_ratio = tl.zeros((), tl.float32)
+        # d ratio / d logp = ratio unless the clamp binds (bounds excluded; NaN does not bind).
+        clamp_binds = (log_ratio < -ratio_log_clamp) | (log_ratio > ratio_log_clamp)
+        ratio = tl.exp(_clamp_keep_nan(log_ratio, -ratio_log_clamp, ratio_log_clamp))
         unclipped = -adv * ratio
-        clipped = -adv * tl.minimum(tl.maximum(ratio, 1.0 - clip_low), 1.0 + clip_high)
+        clipped = -adv * _clamp_keep_nan(ratio, 1.0 - clip_low, 1.0 + clip_high)
         ratio_clip_binds = clipped > unclipped
         pg = tl.maximum(unclipped, clipped)
         dpg_dratio = tl.where(ratio_clip_binds, 0.0, -adv)
@@ -154,11 +163,12 @@ def policy_loss_kernel(
             pg = tl.where(dual_binds, dual, pg)
             dpg_dratio = tl.where(dual_binds, 0.0, tl.where(dual_ties, 0.5 * dpg_dratio, dpg_dratio))
             clip_code = tl.where(dual_binds, 2.0, clip_code)
-        dpg_dlogp = tl.where(ratio_in_range, dpg_dratio * ratio, 0.0)
+        dpg_dlogp = tl.where(clamp_binds, 0.0, dpg_dratio * ratio)
         if HAS_TIS:
             # Truncated importance weight of the trainer against the rollout engine: a
             # constant factor, no gradient through it.
-            tis = tl.minimum(tl.exp(old - tl.load(rollout_ptr + row)), tis_cap)
+            ratio_to_rollout = tl.exp(old - tl.load(rollout_ptr + row))
+            tis = tl.where(ratio_to_rollout > tis_cap, tis_cap, ratio_to_rollout)
             pg = pg * tis
             dpg_dlogp = dpg_dlogp * tis
         kl = tl.zeros((), tl.float32)
@@ -173,9 +183,14 @@ def policy_loss_kernel(
                 dkl_dlogp = -d
             else:
                 exp_d = tl.exp(d)
-                kl = exp_d - d - 1.0
+                # exp(d) - d - 1 tends to +inf as d -> +inf (a target of probability 0); the
+                # formula itself would evaluate inf - inf.
+                kl = tl.where(d == float("inf"), exp_d, exp_d - d - 1.0)
                 dkl_dlogp = 1.0 - exp_d
-        loss = pg + kl_coef * kl - entropy_coef * entropy
+        # A zero kl_coef leaves the KL (reported, possibly infinite) out of the loss.
+        kl_term = tl.where(kl_coef != 0, kl_coef * kl, 0.0)
+        dkl_term = tl.where(kl_coef != 0, kl_coef * dkl_dlogp, 0.0)
+        loss = pg - entropy_coef * entropy + kl_term
         tl.store(logprobs_ptr + row, logp)
         tl.store(entropy_ptr + row, entropy)
         tl.store(loss_ptr + row, weight * loss)
@@ -184,7 +199,7 @@ def policy_loss_kernel(
         if COMPUTE_GRAD:
             _write_row_gradient(
                 row_ptr, grad_row_ptr, target, V, inv_temperature, lse, entropy,
-                weight * (dpg_dlogp + kl_coef * dkl_dlogp), -weight * entropy_coef,
+                weight * (dpg_dlogp + dkl_term), -weight * entropy_coef,
                 HAS_ENTROPY_GRAD, BLOCK_V,
             )
 
