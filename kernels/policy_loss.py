@@ -153,8 +153,9 @@ def policy_loss(
           a log-prob and follows the formulas. With `SIRI_VALIDATE=0` nothing is checked and
           NaN in gives NaN out: the row's loss and every entry of its gradient row; an
           out-of-range target on a scored row is clamped into [0, V).
-        - Anything else follows IEEE arithmetic: a NaN or +inf logit, or a row of only -inf
-          logits (no distribution), gives NaN (or an infinity) in that row's results.
+        - A row of only -inf logits has no distribution: NaN for every result of the row.
+        - NaN and +inf logits are not supported: the row's entropy is NaN on every backend,
+          its other results may differ between backends.
     """
     check_loss_settings(temperature, clip_low, clip_high, dual_clip, kl_coef, kl_estimator, entropy_coef, tis_cap)
     check_policy_structure(logits, targets, advantages, weights, old_logprobs, ref_logprobs, rollout_logprobs,

@@ -163,7 +163,10 @@ def policy_loss_reference(
     """docs/design.md's policy loss by the book. Rows with weight 0 read no target and give zeros."""
     active = weights != 0
     safe_targets = torch.where(active, targets, torch.zeros_like(targets))
-    logp, entropy, _ = logprobs_and_entropy(logits, safe_targets, cfg.temperature)
+    # Rows with weight 0 are scored on zero logits: whatever they hold (a row of -inf has no
+    # distribution), no NaN can reach the outputs or autograd's gradient through them.
+    scored_logits = torch.where(active.unsqueeze(-1), logits, torch.zeros_like(logits))
+    logp, entropy, _ = logprobs_and_entropy(scored_logits, safe_targets, cfg.temperature)
     loss_t, kl, clip_code, slope = per_token_loss(
         logp, entropy, advantages, old_logprobs, ref_logprobs, rollout_logprobs, cfg
     )

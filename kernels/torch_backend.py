@@ -15,8 +15,8 @@ from .backends import Backend, RowOutputs
 from .config import LossConfig
 from .reference import logits_gradient, logprobs_and_entropy, policy_loss_reference
 
-# A block holds about this many float32 logits. The reference keeps ~5 block-sized float32
-# temporaries alive (upcast, scaled, softmax, product, gradient): 2^24 elements is ~64 MiB
+# A block holds about this many float32 logits. The reference keeps ~6 block-sized float32
+# temporaries alive (upcast, masked, scaled, softmax, product, gradient): 2^24 elements is ~64 MiB
 # each, a few hundred MiB in all, whatever the vocabulary.
 BLOCK_ELEMENTS = 1 << 24
 
@@ -42,13 +42,15 @@ def policy_loss_rows(
 ):
     targets = _clamped(targets, logits.shape[1])
     for rows in _row_blocks(logits.shape[0], logits.shape[1]):
-        block = logits[rows].float()
+        active = weights[rows] != 0
+        # Rows with weight 0 on zero logits, as in the reference: their gradient row is 0
+        # whatever they hold.
+        block = logits[rows].float().masked_fill(~active.unsqueeze(-1), 0.0)
         result = policy_loss_reference(
             block, targets[rows], advantages[rows], weights[rows],
             _pick(old, rows), _pick(ref, rows), _pick(rollout, rows), cfg,
         )
         if grad_logits is not None:
-            active = weights[rows] != 0
             safe_targets = torch.where(active, targets[rows], torch.zeros_like(targets[rows]))
             lse = torch.logsumexp(block / cfg.temperature, dim=-1)
             entropy_slope = torch.where(active, -cfg.entropy_coef * weights[rows], torch.zeros_like(lse))

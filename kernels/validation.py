@@ -92,7 +92,7 @@ def check_policy_structure(
         raise ValueError(
             f"inplace_backward=True would overwrite {logits_name}, a leaf that requires grad, with its gradient"
         )
-    if inplace_backward and logits.stride(1) != 1:
+    if inplace_backward and logits.stride(1) != 1 and logits.shape[1] > 1:
         raise ValueError(
             "inplace_backward=True needs logits with unit stride along V (the gradient is written into them)"
         )

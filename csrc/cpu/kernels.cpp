@@ -166,6 +166,13 @@ void write_row_gradient(const T* row, T* grad_row, int64_t vocab, int64_t target
 template <typename T>
 void write_row_gradient(const T* row, T* grad_row, int64_t vocab, int64_t target, float x_target, float inv_t,
                         float lse, float entropy, float c, float e, bool entropy_term) {
+  if (!(lse > -std::numeric_limits<float>::infinity())) {
+    // A row of only -inf logits (lse = -inf) has no distribution: log p_j = -inf - lse is
+    // NaN for every j, and so is its gradient. Written here because exp_u20 does not carry
+    // a NaN through.
+    std::fill(grad_row, grad_row + vocab, static_cast<T>(std::numeric_limits<float>::quiet_NaN()));
+    return;
+  }
   if (entropy_term) {
     write_row_gradient<T, true>(row, grad_row, vocab, target, x_target, inv_t, lse, entropy, c, e);
   } else {
