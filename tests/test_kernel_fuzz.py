@@ -17,10 +17,9 @@ import os
 import pytest
 import torch
 from conftest import DEVICE
-from kernel_cases import ATOL, bf16_ulp, interpreter_truncates_bf16
+from kernel_cases import ATOL, backends_on, bf16_ulp, interpreter_truncates_bf16
 
 from siri.kernels import policy_loss, token_logprobs
-from siri.kernels.backends import BACKEND_NAMES, _load
 from siri.kernels.config import KL_ESTIMATORS, LossConfig
 from siri.kernels.reference import logprobs_and_entropy, policy_loss_reference
 
@@ -28,7 +27,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-BACKENDS = [name for name in BACKEND_NAMES if _load(name) is not None and _load(name).supports_device(DEVICE)]
+BACKENDS = backends_on(DEVICE)
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 EXAMPLES = int(os.environ.get("SIRI_FUZZ_EXAMPLES", "50"))
 # 1 and 2: degenerate rows; 97, 1000: a vector body and a scalar tail; 2049 and 8193: just

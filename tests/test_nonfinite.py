@@ -6,13 +6,13 @@ import math
 import pytest
 import torch
 from conftest import DEVICE
+from kernel_cases import backends_on
 
 from siri.kernels import policy_loss, token_logprobs
-from siri.kernels.backends import BACKEND_NAMES, _load
 from siri.kernels.config import LossConfig
 from siri.kernels.reference import logprobs_and_entropy, policy_loss_reference
 
-BACKENDS = [name for name in BACKEND_NAMES if _load(name) is not None and _load(name).supports_device(DEVICE)]
+BACKENDS = backends_on(DEVICE)
 INF = float("inf")
 NAN = float("nan")
 
