@@ -130,3 +130,11 @@ def test_token_logprobs_rejects():
         token_logprobs(torch.randn(3), torch.tensor([0, 1, 1]))
     with pytest.raises(ValueError, match="return_entropy"):
         token_logprobs(torch.randn(3, 5), torch.tensor([0, 1, 1]), return_entropy=1)
+
+
+@pytest.mark.parametrize("advantage", ["1.0", True, None])
+def test_sample_advantage_that_is_no_number_is_named(advantage):
+    from siri.packing import Sample, pack
+
+    with pytest.raises(ValueError, match=r"samples\[0\]\.advantage must be a real number .* got "):
+        pack([Sample(prompt_ids=[1, 2], response_ids=[3], advantage=advantage)], max_tokens=8)
