@@ -147,8 +147,10 @@ def test_policy_loss_fuzz(case, data):
     oracle, oracle_grad = reference_policy(logits, targets, advantages, weights, given_logprobs, cfg,
                                            torch.float64, grad_out)
     eager, eager_grad = reference_policy(logits, targets, advantages, weights, given_logprobs, cfg,
-                                         torch.float32, grad_out)
-    eager_grad = eager_grad.to(logits.dtype)
+                                         torch.float32, 1.0)
+    # As the kernels do: the gradient is stored in the logits' dtype in the forward, and the
+    # backward scales that by the upstream gradient (two roundings in half precision).
+    eager_grad = (eager_grad.to(logits.dtype).float() * grad_out).to(logits.dtype)
     for backend in BACKENDS:
         base = torch.full((num_rows, vocab + 5), float("nan"), dtype=logits.dtype, device=DEVICE)
         base[:, :vocab] = logits
