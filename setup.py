@@ -79,7 +79,9 @@ def _extension_build():
     variants = _cpu_variants()
     _set_max_jobs(with_cuda)
 
-    cxx_flags = ["-O3", "-fopenmp"] + [f"-DSIRI_CPU_{name}" for name in variants]
+    # -ffp-contract=off: no implicit FMA, which would subtract from an unrounded x / tau
+    # (csrc/cpu/kernels.cpp); explicit at::vec::fmadd calls stay fused.
+    cxx_flags = ["-O3", "-fopenmp", "-ffp-contract=off"] + [f"-DSIRI_CPU_{name}" for name in variants]
     # csrc/cpu/kernels.cpp is not listed: BuildSiriExtension compiles it once per variant.
     sources = _sources("bindings.cpp", "cpu/dispatch.cpp")
     if with_cuda:

@@ -129,7 +129,7 @@ def fused_linear_policy_loss(
     _check_linear(hidden, weight, bias)
     check_loss_settings(temperature, clip_low, clip_high, dual_clip, kl_coef, kl_estimator, entropy_coef, tis_cap)
     check_policy_structure(hidden, targets, advantages, weights, old_logprobs, ref_logprobs, rollout_logprobs,
-                           tis_cap, False, logits_name="hidden")
+                           tis_cap, kl_coef, False, logits_name="hidden")
     if not isinstance(inplace_backward, bool):
         raise ValueError(f"inplace_backward must be a bool, got {inplace_backward!r}")
     check_backend_name(backend)

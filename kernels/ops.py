@@ -57,7 +57,8 @@ def _policy_loss_rows(logits, targets, advantages, weights, old_logprobs, ref_lo
                       temperature, clip_low, clip_high, dual_clip, kl_coef, kl_estimator, entropy_coef,
                       tis_cap, backend, grad_logits) -> RowOutputs:
     cfg = LossConfig(temperature, clip_low, clip_high, dual_clip, kl_coef, kl_estimator, entropy_coef, tis_cap)
-    check_policy_values(targets, advantages, weights, logits.shape[1])
+    check_policy_values(targets, advantages, weights, logits.shape[1], dict(
+        old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs))
     impl = resolve_backend(backend, logits.device)
     if logits.stride(1) != 1:
         logits = logits.contiguous()
@@ -80,6 +81,10 @@ def _policy_loss_rows_op(logits, *args):
 @torch.library.impl("siri::policy_loss_rows_inplace", "default")
 def _policy_loss_rows_inplace_op(logits, *args):
     out = _policy_loss_rows(logits, *args, logits)
+    # The native and Triton kernels write through raw pointers, unseen by autograd: bump the
+    # version counter as any in-place op does, so that a backward which saved these logits
+    # (tanh, exp, log_softmax...) fails autograd's check instead of reading the gradient.
+    torch.autograd.graph.increment_version(logits)
     return out.logprobs, out.entropy, out.loss, out.kl, out.clipped
 
 
@@ -186,7 +191,8 @@ def _fused_linear_policy_loss_op(hidden, weight, bias, targets, advantages, weig
                                  kl_estimator, entropy_coef, tis_cap, backend, chunk_size, grad_hidden, grad_weight):
     cfg = LossConfig(temperature, clip_low, clip_high, dual_clip, kl_coef, kl_estimator, entropy_coef, tis_cap)
     num_rows, vocab = hidden.shape[0], weight.shape[0]
-    check_policy_values(targets, advantages, weights, vocab)
+    check_policy_values(targets, advantages, weights, vocab, dict(
+        old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs))
     impl = resolve_backend(backend, hidden.device)
     per_token = [_float32(t) for t in (advantages, weights, old_logprobs, ref_logprobs, rollout_logprobs)]
     if chunk_size is None:

@@ -70,6 +70,18 @@ class _PolicyLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *_non_differentiable):
+        # The saved gradient is scaled in place (no second [T, V] buffer), so it stays d loss /
+        # d logits only while every incoming gradient is exactly 1. A second backward through
+        # a retained graph after a scaling one cannot be formed from it: say so, rather than
+        # return a gradient scaled twice (or fail on autograd's version check).
+        previous = getattr(ctx, "grad_scale", None)
+        if previous is not None and bool(previous != 1):
+            raise RuntimeError(
+                "policy_loss: a second backward through the same loss (retain_graph=True) after one whose "
+                f"incoming gradient was {previous.item()!r}, not 1: that backward scaled the fused gradient in "
+                "place. Call policy_loss again for each backward, or backward once through the sum of the losses."
+            )
+        ctx.grad_scale = grad_loss.detach()
         (grad_logits,) = ctx.saved_tensors
         torch.ops.siri.scale_grad_(grad_logits, grad_loss)
         return _POLICY_LOSS_GRADIENTS(logits=grad_logits)
@@ -113,20 +125,45 @@ def policy_loss(
         targets: [T] int32 or int64 token ids; not read on rows whose weight is 0.
         advantages, weights: [T] floating. `weights` carry the loss aggregation
             (`siri.packing` computes them); a row with weight 0 contributes nothing.
-        old_logprobs, ref_logprobs, rollout_logprobs: optional [T] floating.
+        old_logprobs, ref_logprobs, rollout_logprobs: optional [T] floating. `kl_coef` != 0
+            needs `ref_logprobs`, `tis_cap` needs `rollout_logprobs`.
         inplace_backward: write d loss / d logits into `logits` itself during the forward
-            (saves a [T, V] buffer; `logits` hold the gradient afterwards).
+            (saves a [T, V] buffer; `logits` hold the gradient afterwards). `logits` must not
+            be a leaf that requires grad, and no earlier op may have saved them for its own
+            backward (`tanh`, `exp`, `log_softmax` save their output): their version counter
+            is bumped, so autograd then raises at backward, as for any in-place op.
         backend: "auto", "triton", "cuda", "cpu" or "torch" (`SIRI_BACKEND` overrides "auto").
 
     Returns:
         PolicyLossOutput(loss, logprobs, entropy, metrics); see its docstring.
 
     The gradient is computed in the same pass as the loss; backward only scales it by the
-    incoming gradient, and skips even that when the incoming gradient is exactly 1.
+    incoming gradient, in place, and skips even that when the incoming gradient is exactly 1.
+    A second backward through a retained graph (`retain_graph=True`) is supported only while
+    every incoming gradient is 1; otherwise it raises.
+
+    Non-finite values, the same on every backend:
+        - A -inf logit (a masked token) has probability 0: it adds nothing to the entropy
+          (0 log 0 = 0) and its entry of the gradient is 0 (but at the target).
+        - A target whose logit is -inf has logp = -inf. On-policy (`old_logprobs` None)
+          the ratio is still exactly 1 (logp - stop_grad(logp) is 0), so the row's loss and
+          gradient, -w A (onehot - p) / temperature, are finite, as `F.cross_entropy`'s
+          gradient is where its loss is inf. Off-policy the log-ratio is -inf, clamped at
+          -20 (no gradient through the clamp). Its KL to finite `ref_logprobs` is infinite
+          (k1 -inf, k2 and k3 +inf), and with `kl_coef` != 0 so are its loss and gradient
+          (NaN where 0 * inf arises); with `kl_coef` = 0 the KL is reported and left out.
+        - NaN in `old_logprobs`, `ref_logprobs` or `rollout_logprobs` (like NaN or inf in
+          `advantages` and `weights`) raises ValueError naming the argument; -inf there is
+          a log-prob and follows the formulas. With `SIRI_VALIDATE=0` nothing is checked and
+          NaN in gives NaN out: the row's loss and every entry of its gradient row; an
+          out-of-range target on a scored row is clamped into [0, V).
+        - A row of only -inf logits has no distribution: NaN for every result of the row.
+        - NaN and +inf logits are not supported: the row's entropy is NaN on every backend,
+          its other results may differ between backends.
     """
     check_loss_settings(temperature, clip_low, clip_high, dual_clip, kl_coef, kl_estimator, entropy_coef, tis_cap)
     check_policy_structure(logits, targets, advantages, weights, old_logprobs, ref_logprobs, rollout_logprobs,
-                           tis_cap, inplace_backward)
+                           tis_cap, kl_coef, inplace_backward)
     check_backend_name(backend)
     loss, logprobs, entropy, kl, clipped = _PolicyLoss.apply(
         logits, targets, advantages, weights, old_logprobs, ref_logprobs, rollout_logprobs,

@@ -18,12 +18,18 @@ from .config import CLIP_DUAL, CLIP_NONE, CLIP_RATIO, RATIO_LOG_CLAMP, LossConfi
 
 
 def logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0):
-    """(logp[T], entropy[T], lse[T]) of `logits[T, V]` at `targets[T]`, in the logits' dtype."""
+    """(logp[T], entropy[T], lse[T]) of `logits[T, V]` at `targets[T]`, in the logits' dtype.
+
+    A -inf logit (a masked token) has p = 0 and adds nothing to the entropy: 0 log 0 = 0.
+    """
     u = logits / temperature
     lse = torch.logsumexp(u, dim=-1)
-    logp = u.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1) - lse
-    # H = -sum p log p = lse - sum p u, since log p = u - lse and sum p = 1.
-    entropy = lse - (torch.softmax(u, dim=-1) * u).sum(-1)
+    log_p = u - lse.unsqueeze(-1)
+    logp = log_p.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
+    p = torch.exp(log_p)
+    # H = -sum p log p. Where p = 0, log p is replaced by 0 before the product: p * (-inf)
+    # would be NaN, in the value and in autograd's gradient of the discarded branch.
+    entropy = -(p * torch.where(p > 0, log_p, torch.zeros_like(log_p))).sum(-1)
     return logp, entropy, lse
 
 
@@ -32,11 +38,14 @@ def logits_gradient(logits, targets, temperature, lse, entropy, c, e):
 
     With u = logits / tau, p = softmax(u): d logp / d u_j = onehot_j - p_j and
     d H / d u_j = -p_j (log p_j + H), so the row gradient is
-    (c onehot_j - p_j (c + e (log p_j + H))) / tau.
+    (c onehot_j - p_j (c + e [p_j > 0] (log p_j + H))) / tau: an entry with p_j = 0 takes no
+    entropy term (0 log 0 = 0), and otherwise follows IEEE arithmetic (an infinite c gives
+    0 * inf = NaN there), as autograd of `logprobs_and_entropy` does.
     """
     log_p = logits / temperature - lse.unsqueeze(-1)
     p = torch.exp(log_p)
-    grad = -p * (c.unsqueeze(-1) + e.unsqueeze(-1) * (log_p + entropy.unsqueeze(-1)))
+    entropy_term = torch.where(p > 0, log_p + entropy.unsqueeze(-1), torch.zeros_like(log_p))
+    grad = -p * (c.unsqueeze(-1) + e.unsqueeze(-1) * entropy_term)
     grad.scatter_add_(-1, targets.long().unsqueeze(-1), c.unsqueeze(-1).to(grad.dtype))
     return grad / temperature
 
@@ -48,7 +57,10 @@ def kl_penalty(logp: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -
         return -d
     if estimator == "k2":
         return 0.5 * d * d
-    return torch.exp(d) - d - 1.0
+    exp_d = torch.exp(d)
+    # exp(d) - d - 1 tends to +inf as d -> +inf (a target of probability 0), where the formula
+    # itself evaluates inf - inf; the exp(d) branch carries that value and its slope.
+    return torch.where(d == float("inf"), exp_d, exp_d - d - 1.0)
 
 
 def kl_slope(logp: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
@@ -61,15 +73,38 @@ def kl_slope(logp: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> 
     return 1.0 - torch.exp(d)
 
 
+class _ZeroWithUnitSlope(torch.autograd.Function):
+    """0 with d/dx = 1: logp - stop_grad(logp), also where logp = -inf (there the difference is NaN)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.zeros_like(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def clamp_log_ratio(log_ratio: torch.Tensor) -> torch.Tensor:
+    """clamp(log_ratio, -RATIO_LOG_CLAMP, RATIO_LOG_CLAMP) whose gradient passes at the bounds
+    (as torch.clamp's) and at NaN (torch.clamp's is 0 there): NaN in gives NaN out, value and slope."""
+    low = torch.full_like(log_ratio, -RATIO_LOG_CLAMP)
+    high = torch.full_like(log_ratio, RATIO_LOG_CLAMP)
+    return torch.where(log_ratio < low, low, torch.where(log_ratio > high, high, log_ratio))
+
+
 def per_token_loss(logp, entropy, advantages, old_logprobs, ref_logprobs, rollout_logprobs, cfg: LossConfig):
     """(l_t, kl_t, clip code_t, slope_t) from per-token log-probs and entropy.
 
     l_t is differentiable in logp and entropy; slope_t = d l_t / d logp_t is derived by hand
-    and detached (d l_t / d H_t is simply -entropy_coef).
+    and detached (d l_t / d H_t is simply -entropy_coef). Non-finite values follow IEEE
+    arithmetic, with two exceptions: on-policy (no old_logprobs) the log-ratio is exactly 0,
+    even where logp = -inf; and a term whose coefficient is 0 is left out (kl_coef = 0 with
+    ref_logprobs reports the KL without adding 0 * inf to the loss).
     """
     old = logp.detach() if old_logprobs is None else old_logprobs
-    log_ratio = logp - old
-    ratio = torch.exp(torch.clamp(log_ratio, -RATIO_LOG_CLAMP, RATIO_LOG_CLAMP))
+    log_ratio = _ZeroWithUnitSlope.apply(logp) if old_logprobs is None else logp - old
+    ratio = torch.exp(clamp_log_ratio(log_ratio))
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - cfg.clip_low, 1.0 + cfg.clip_high)
     pg = torch.maximum(unclipped, clipped)
@@ -87,18 +122,21 @@ def per_token_loss(logp, entropy, advantages, old_logprobs, ref_logprobs, rollou
         clip_code = torch.where(dual_binds, CLIP_DUAL, clip_code)
         dpg_dratio = torch.where(dual_binds, torch.zeros_like(dpg_dratio),
                                  torch.where(dual_ties, 0.5 * dpg_dratio, dpg_dratio))
-    in_range = (log_ratio >= -RATIO_LOG_CLAMP) & (log_ratio <= RATIO_LOG_CLAMP)
-    slope = torch.where(in_range, dpg_dratio * ratio, torch.zeros_like(ratio))
+    # d ratio / d logp = ratio unless the clamp binds (a NaN log-ratio does not bind: NaN slope).
+    clamp_binds = (log_ratio < -RATIO_LOG_CLAMP) | (log_ratio > RATIO_LOG_CLAMP)
+    slope = torch.where(clamp_binds, torch.zeros_like(ratio), dpg_dratio * ratio)
     if rollout_logprobs is not None and cfg.tis_cap is not None:
         tis = torch.clamp(torch.exp(old - rollout_logprobs), max=cfg.tis_cap).detach()
         pg = pg * tis
         slope = slope * tis
+    loss = pg - cfg.entropy_coef * entropy
     if ref_logprobs is not None:
         kl = kl_penalty(logp, ref_logprobs, cfg.kl_estimator)
-        slope = slope + cfg.kl_coef * kl_slope(logp, ref_logprobs, cfg.kl_estimator)
+        if cfg.kl_coef != 0:
+            loss = loss + cfg.kl_coef * kl
+            slope = slope + cfg.kl_coef * kl_slope(logp, ref_logprobs, cfg.kl_estimator)
     else:
         kl = torch.zeros_like(logp)
-    loss = pg + cfg.kl_coef * kl - cfg.entropy_coef * entropy
     return loss, kl, clip_code.to(torch.float32), slope.detach()
 
 
@@ -125,7 +163,10 @@ def policy_loss_reference(
     """docs/design.md's policy loss by the book. Rows with weight 0 read no target and give zeros."""
     active = weights != 0
     safe_targets = torch.where(active, targets, torch.zeros_like(targets))
-    logp, entropy, _ = logprobs_and_entropy(logits, safe_targets, cfg.temperature)
+    # Rows with weight 0 are scored on zero logits: whatever they hold (a row of -inf has no
+    # distribution), no NaN can reach the outputs or autograd's gradient through them.
+    scored_logits = torch.where(active.unsqueeze(-1), logits, torch.zeros_like(logits))
+    logp, entropy, _ = logprobs_and_entropy(scored_logits, safe_targets, cfg.temperature)
     loss_t, kl, clip_code, slope = per_token_loss(
         logp, entropy, advantages, old_logprobs, ref_logprobs, rollout_logprobs, cfg
     )

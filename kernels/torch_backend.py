@@ -15,8 +15,8 @@ from .backends import Backend, RowOutputs
 from .config import LossConfig
 from .reference import logits_gradient, logprobs_and_entropy, policy_loss_reference
 
-# A block holds about this many float32 logits. The reference keeps ~5 block-sized float32
-# temporaries alive (upcast, scaled, softmax, product, gradient): 2^24 elements is ~64 MiB
+# A block holds about this many float32 logits. The reference keeps ~6 block-sized float32
+# temporaries alive (upcast, masked, scaled, softmax, product, gradient): 2^24 elements is ~64 MiB
 # each, a few hundred MiB in all, whatever the vocabulary.
 BLOCK_ELEMENTS = 1 << 24
 
@@ -31,17 +31,26 @@ def _pick(tensor, rows):
     return None if tensor is None else tensor[rows]
 
 
+def _clamped(targets, vocab: int):
+    # Validation rejects out-of-range targets; with SIRI_VALIDATE=0 they are clamped into the
+    # row, as the native and Triton kernels do, rather than failing inside gather.
+    return targets.clamp(0, vocab - 1)
+
+
 def policy_loss_rows(
     logits, targets, advantages, weights, old, ref, rollout, cfg: LossConfig, out: RowOutputs, grad_logits
 ):
+    targets = _clamped(targets, logits.shape[1])
     for rows in _row_blocks(logits.shape[0], logits.shape[1]):
-        block = logits[rows].float()
+        active = weights[rows] != 0
+        # Rows with weight 0 on zero logits, as in the reference: their gradient row is 0
+        # whatever they hold.
+        block = logits[rows].float().masked_fill(~active.unsqueeze(-1), 0.0)
         result = policy_loss_reference(
             block, targets[rows], advantages[rows], weights[rows],
             _pick(old, rows), _pick(ref, rows), _pick(rollout, rows), cfg,
         )
         if grad_logits is not None:
-            active = weights[rows] != 0
             safe_targets = torch.where(active, targets[rows], torch.zeros_like(targets[rows]))
             lse = torch.logsumexp(block / cfg.temperature, dim=-1)
             entropy_slope = torch.where(active, -cfg.entropy_coef * weights[rows], torch.zeros_like(lse))
@@ -56,6 +65,7 @@ def policy_loss_rows(
 
 
 def logprob_rows(logits, targets, temperature, logprobs, entropy, lse):
+    targets = _clamped(targets, logits.shape[1])
     for rows in _row_blocks(logits.shape[0], logits.shape[1]):
         logp, ent, block_lse = logprobs_and_entropy(logits[rows].float(), targets[rows], temperature)
         logprobs[rows] = logp
@@ -65,6 +75,7 @@ def logprob_rows(logits, targets, temperature, logprobs, entropy, lse):
 
 
 def logprob_backward(logits, targets, temperature, lse, logprobs, entropy, grad_logprobs, grad_entropy, grad_logits):
+    targets = _clamped(targets, logits.shape[1])
     for rows in _row_blocks(logits.shape[0], logits.shape[1]):
         c = grad_logprobs[rows]
         if grad_entropy is None:

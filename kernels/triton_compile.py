@@ -176,7 +176,7 @@ def compile_variant(launch: Launch, variant: Variant, *, keep_kernel: bool = Fal
             triton.knobs.compilation.allow_non_constexpr_globals = False
             kernel = triton.compile(
                 ASTSource(launch.kernel, signature, constexprs=constexprs, attrs=attrs),
-                target=GPUTarget("cuda", variant.arch, WARP_SIZE), options={"num_warps": warps},
+                target=GPUTarget("cuda", variant.arch, WARP_SIZE), options={"num_warps": warps, **launch.options},
             )
     except Exception as error:  # every failure is reported with its variant, and the run goes on
         root = error

@@ -199,6 +199,12 @@ def _zero_row(grad_row_ptr, V, BLOCK_V: tl.constexpr):
 
 
 @triton.jit
+def _clamp_keep_nan(x, low, high):
+    # tl.minimum / tl.maximum may return the bound for a NaN: NaN in must give NaN out.
+    return tl.where(x < low, low, tl.where(x > high, high, x))
+
+
+@triton.jit
 def _load_target(targets_ptr, row, V):
     # Validation rejects out-of-range targets before launch; the clamp only keeps a run with
     # SIRI_VALIDATE=0 from reading outside the row. 32-bit: an index within one row.
@@ -209,19 +215,24 @@ def _load_target(targets_ptr, row, V):
 def _token_loss(
     logp, entropy, adv, old, ref, rollout,
     clip_low, clip_high, dual_clip, kl_coef, entropy_coef, tis_cap, ratio_log_clamp,
-    HAS_REF: tl.constexpr, KL_ESTIMATOR: tl.constexpr, HAS_DUAL_CLIP: tl.constexpr, HAS_TIS: tl.constexpr,
+    HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, KL_ESTIMATOR: tl.constexpr, HAS_DUAL_CLIP: tl.constexpr,
+    HAS_TIS: tl.constexpr,
 ):
     """Per-token loss of `reference.per_token_loss`: (l, kl, clip code, d l / d logp).
 
     d l / d H is -entropy_coef. `old` is logp itself on-policy (ratio 1); `ref` and
     `rollout` are only read under their flags.
     """
-    log_ratio = logp - old
-    # d ratio / d logp = ratio inside the clamp, 0 where the clamp binds.
-    ratio_in_range = (log_ratio >= -ratio_log_clamp) & (log_ratio <= ratio_log_clamp)
-    ratio = tl.exp(tl.minimum(tl.maximum(log_ratio, -ratio_log_clamp), ratio_log_clamp))
+    if HAS_OLD:
+        log_ratio = logp - old
+    else:
+        # On-policy the log-ratio is exactly 0, even where logp = -inf and logp - old is NaN.
+        log_ratio = tl.zeros((), tl.float32)
+    # d ratio / d logp = ratio unless the clamp binds (bounds excluded; NaN does not bind).
+    clamp_binds = (log_ratio < -ratio_log_clamp) | (log_ratio > ratio_log_clamp)
+    ratio = tl.exp(_clamp_keep_nan(log_ratio, -ratio_log_clamp, ratio_log_clamp))
     unclipped = -adv * ratio
-    clipped = -adv * tl.minimum(tl.maximum(ratio, 1.0 - clip_low), 1.0 + clip_high)
+    clipped = -adv * _clamp_keep_nan(ratio, 1.0 - clip_low, 1.0 + clip_high)
     ratio_clip_binds = clipped > unclipped
     pg = tl.maximum(unclipped, clipped)
     dpg_dratio = tl.where(ratio_clip_binds, 0.0, -adv)
@@ -234,11 +245,12 @@ def _token_loss(
         pg = tl.where(dual_binds, dual, pg)
         dpg_dratio = tl.where(dual_binds, 0.0, tl.where(dual_ties, 0.5 * dpg_dratio, dpg_dratio))
         clip_code = tl.where(dual_binds, 2.0, clip_code)
-    dpg_dlogp = tl.where(ratio_in_range, dpg_dratio * ratio, 0.0)
+    dpg_dlogp = tl.where(clamp_binds, 0.0, dpg_dratio * ratio)
     if HAS_TIS:
         # Truncated importance weight of the trainer against the rollout engine: a
         # constant factor, no gradient through it.
-        tis = tl.minimum(tl.exp(old - rollout), tis_cap)
+        ratio_to_rollout = tl.exp(old - rollout)
+        tis = tl.where(ratio_to_rollout > tis_cap, tis_cap, ratio_to_rollout)
         pg = pg * tis
         dpg_dlogp = dpg_dlogp * tis
     kl = tl.zeros((), tl.float32)
@@ -253,10 +265,15 @@ def _token_loss(
             dkl_dlogp = -d
         else:
             exp_d = tl.exp(d)
-            kl = exp_d - d - 1.0
+            # exp(d) - d - 1 tends to +inf as d -> +inf (a target of probability 0); the
+            # formula itself would evaluate inf - inf.
+            kl = tl.where(d == float("inf"), exp_d, exp_d - d - 1.0)
             dkl_dlogp = 1.0 - exp_d
-    loss = pg + kl_coef * kl - entropy_coef * entropy
-    return loss, kl, clip_code, dpg_dlogp + kl_coef * dkl_dlogp
+    # A zero kl_coef leaves the KL (reported, possibly infinite) out of the loss.
+    kl_term = tl.where(kl_coef != 0, kl_coef * kl, 0.0)
+    dkl_term = tl.where(kl_coef != 0, kl_coef * dkl_dlogp, 0.0)
+    loss = pg - entropy_coef * entropy + kl_term
+    return loss, kl, clip_code, dpg_dlogp + dkl_term
 
 
 @triton.jit
@@ -307,7 +324,7 @@ def policy_loss_kernel(
             loss, kl, clip_code, dloss_dlogp = _token_loss(
                 logp, entropy, tl.load(advantages_ptr + row), old, ref, rollout,
                 clip_low, clip_high, dual_clip, kl_coef, entropy_coef, tis_cap, ratio_log_clamp,
-                HAS_REF, KL_ESTIMATOR, HAS_DUAL_CLIP, HAS_TIS,
+                HAS_OLD, HAS_REF, KL_ESTIMATOR, HAS_DUAL_CLIP, HAS_TIS,
             )
             tl.store(logprobs_ptr + row, logp)
             tl.store(entropy_ptr + row, entropy)

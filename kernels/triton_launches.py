@@ -11,7 +11,7 @@ Public `@triton.jit` functions of `triton_kernels.py` are launched kernels and m
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .triton_kernels import (
@@ -44,6 +44,7 @@ class Launch:
     switches: the constexpr feature switches -> the values the backend may pass, the one
         meaning "off" first.
     tiling: vocabulary -> (the size constexprs, num_warps); the compile check uses the same.
+    options: Triton compile options of every launch (and of the offline compile).
     """
 
     name: str
@@ -51,6 +52,7 @@ class Launch:
     arguments: dict[str, str]
     switches: dict[str, tuple]
     tiling: Callable[[int], tuple[dict[str, int], int]] = block_along_vocab
+    options: dict = field(default_factory=dict)
 
     def __call__(self, grid, vocab: int, *args, **switches) -> None:
         if switches.keys() != self.switches.keys():
@@ -62,11 +64,15 @@ class Launch:
             if value not in self.switches[switch]:
                 raise ValueError(f"{self.name}: {switch}={value!r} is outside its declared {self.switches[switch]}")
         sizes, warps = self.tiling(vocab)
-        self.kernel[grid](*args, **switches, **sizes, num_warps=warps)
+        self.kernel[grid](*args, **switches, **sizes, num_warps=warps, **self.options)
 
 
 _F32 = "*fp32"
 _OFF_ON = (False, True)
+# No implicit FMA in the logits kernels: fused, x * inv_temperature - m is formed from the
+# unrounded product while the row's max m and lse come from rounded ones, which gave the
+# argmax a positive log-prob of the order of ulp(m) on sm_90 (it grows as 1 / temperature).
+_NO_FP_FUSION = dict(enable_fp_fusion=False)
 
 POLICY_LOSS = Launch(
     "policy_loss_kernel",
@@ -83,6 +89,7 @@ POLICY_LOSS = Launch(
         HAS_OLD=_OFF_ON, HAS_REF=_OFF_ON, KL_ESTIMATOR=(3, 1, 2), HAS_DUAL_CLIP=_OFF_ON, HAS_TIS=_OFF_ON,
         HAS_ENTROPY_GRAD=_OFF_ON, COMPUTE_GRAD=_OFF_ON,
     ),
+    options=_NO_FP_FUSION,
 )
 
 LOGPROB = Launch(
@@ -93,6 +100,7 @@ LOGPROB = Launch(
         lse_ptr=_F32, num_rows="i32", V="i32", scale="fp32",
     ),
     switches=dict(WITH_ENTROPY=_OFF_ON),
+    options=_NO_FP_FUSION,
 )
 
 LOGPROB_BACKWARD = Launch(
@@ -104,6 +112,7 @@ LOGPROB_BACKWARD = Launch(
         num_rows="i32", V="i32", scale="fp32", inv_temperature="fp32",
     ),
     switches=dict(HAS_GRAD_ENTROPY=_OFF_ON),
+    options=_NO_FP_FUSION,
 )
 
 # The gradient it scales has the logits' dtype (or, in fused_linear, hidden's and weight's).

@@ -5,10 +5,12 @@ Two kinds of check:
 - structural (`check_*_structure`): ranks, lengths, dtypes, devices. They read only
   metadata, so they cost nothing and trace under `torch.compile`.
 - value checks (`check_*_values`): targets inside [0, V) where the weight is non-zero,
-  finite advantages and weights. They read the data and therefore wait for the device once
+  finite advantages and weights, no NaN in the given log-probs (old, ref, rollout: -inf
+  is a log-prob, NaN is not). They read the data and therefore wait for the device once
   per call (all conditions are gathered into one transfer). They run inside the custom ops,
-  so compiled graphs keep them too. `SIRI_VALIDATE=0` switches them off; an out-of-range
-  target is then clamped into the row by the kernels rather than read out of bounds.
+  so compiled graphs keep them too. `SIRI_VALIDATE=0` switches them off: an out-of-range
+  target is then clamped into [0, V) by every backend rather than read out of bounds, and
+  a NaN input gives NaN outputs (its row's loss and every entry of its gradient row).
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ def check_policy_structure(
     ref_logprobs,
     rollout_logprobs,
     tis_cap,
+    kl_coef,
     inplace_backward,
     logits_name="logits",
 ) -> None:
@@ -81,9 +84,15 @@ def check_policy_structure(
     check_per_token("rollout_logprobs", rollout_logprobs, device, num_rows, optional=True)
     if tis_cap is not None and rollout_logprobs is None:
         raise ValueError("tis_cap needs rollout_logprobs (the rollout engine's log-probs of the targets)")
+    if kl_coef != 0 and ref_logprobs is None:
+        raise ValueError(f"kl_coef={kl_coef!r} needs ref_logprobs (the reference policy's log-probs of the targets)")
     if not isinstance(inplace_backward, bool):
         raise ValueError(f"inplace_backward must be a bool, got {inplace_backward!r}")
-    if inplace_backward and logits.stride(1) != 1:
+    if inplace_backward and logits.is_leaf and logits.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            f"inplace_backward=True would overwrite {logits_name}, a leaf that requires grad, with its gradient"
+        )
+    if inplace_backward and logits.stride(1) != 1 and logits.shape[1] > 1:
         raise ValueError(
             "inplace_backward=True needs logits with unit stride along V (the gradient is written into them)"
         )
@@ -95,20 +104,24 @@ def _raise_first(failures: list[bool], messages: list[str]) -> None:
             raise ValueError(message)
 
 
-def check_policy_values(targets, advantages, weights, vocab: int) -> None:
+def check_policy_values(targets, advantages, weights, vocab: int, logprobs: dict | None = None) -> None:
+    """`logprobs`: the optional per-token log-prob inputs by argument name (None: not given)."""
     if not value_checks_enabled() or targets.numel() == 0:
         return
     scored = weights != 0
     bad_target = scored & ((targets < 0) | (targets >= vocab))
+    given = {name: value for name, value in (logprobs or {}).items() if value is not None}
     flags = torch.stack([
         ~torch.isfinite(weights).all(),
         ~torch.isfinite(advantages).all(),
         bad_target.any(),
+        *(torch.isnan(value).any() for value in given.values()),
     ]).tolist()  # the one host synchronisation of the call
     _raise_first(flags, [
         "weights must be finite (found NaN or inf)",
         "advantages must be finite (found NaN or inf)",
         f"targets must lie in [0, {vocab}) on every row whose weight is non-zero",
+        *(f"{name} must not be NaN (-inf is allowed: a log-prob of 0 probability)" for name in given),
     ])
 
 

@@ -253,6 +253,9 @@ def _check_sample(index: int, sample, vocab_size: int | None) -> _Checked:
         if not math.isfinite(advantage):
             raise ValueError(f"{where}.advantage must be finite, got {advantage}")
         advantages = np.full(num_response, float(advantage))
+    elif np.ndim(advantage) == 0:  # a string, a bool, None: no number and no sequence of them
+        raise ValueError(f"{where}.advantage must be a real number or hold one per response token, "
+                         f"got {type(advantage).__name__} {advantage!r}")
     else:
         advantages = _as_array(f"{where}.advantage", advantage, integer=False)
         if advantages.shape[0] != num_response:

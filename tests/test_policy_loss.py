@@ -211,3 +211,41 @@ def test_exact_dual_clip_tie_splits_the_gradient(backend):
     assert x.grad.abs().sum() > 0, "a tie passes half the gradient, not none"
     for grad in grads:
         torch.testing.assert_close(grad, x.grad, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("upstream", [torch.tanh, torch.exp, lambda x: torch.log_softmax(x, -1)],
+                         ids=["tanh", "exp", "log_softmax"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_backward_over_saved_logits_raises(backend, upstream):
+    """An op that saved its output for its backward sees it overwritten by the gradient: autograd's
+    version check must fire on every backend (cpu and Triton wrote unseen and gave a wrong gradient)."""
+    logits, targets, advantages, weights, kw = make_case(5, 64, torch.float32, {}, seed=1, device=DEVICE)
+    x = logits.clone().requires_grad_(True)
+    h = upstream(x)
+    out = policy_loss(h, targets, advantages, weights, inplace_backward=True, backend=backend, **kw)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.loss.backward()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_backward_refuses_a_leaf(backend):
+    logits, targets, advantages, weights, _ = make_case(3, 16, torch.float32, {}, seed=1, device=DEVICE)
+    x = logits.clone().requires_grad_(True)
+    with pytest.raises(ValueError, match="inplace_backward.*leaf"):
+        policy_loss(x, targets, advantages, weights, inplace_backward=True, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_second_backward_through_a_retained_graph(backend):
+    logits, targets, advantages, weights, kw = make_case(7, 50, torch.float32, OPTION_SETS["entropy"], seed=2,
+                                                         device=DEVICE)
+    x = logits.clone().requires_grad_(True)
+    out = policy_loss(x, targets, advantages, weights, backend=backend, **kw)
+    out.loss.backward(retain_graph=True)
+    once = x.grad.clone()
+    out.loss.backward(retain_graph=True)  # unit upstream gradients: the saved gradient is intact
+    torch.testing.assert_close(x.grad, 2 * once)
+    (out.loss * 3).backward(retain_graph=True)  # scales it in place, and says so next time
+    torch.testing.assert_close(x.grad, 5 * once)
+    with pytest.raises(RuntimeError, match="second backward.*retain_graph.*3.0"):
+        (out.loss * 2).backward()

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from kernel_cases import backends_on
 
 from siri.kernels import policy_loss, token_logprobs
 
@@ -40,6 +41,14 @@ def call(**changes):
         (dict(ref_logprobs=torch.randn(5)), "ref_logprobs"),
         (dict(rollout_logprobs=torch.randn(4, 2)), "rollout_logprobs"),
         (dict(tis_cap=2.0), "tis_cap"),
+        (dict(kl_coef=0.1), "kl_coef=0.1 needs ref_logprobs"),
+        (dict(old_logprobs=torch.tensor([0.0, float("nan"), -1.0, -1.0])), "old_logprobs must not be NaN"),
+        (dict(ref_logprobs=torch.tensor([float("nan")] * 4)), "ref_logprobs must not be NaN"),
+        (dict(rollout_logprobs=torch.tensor([0.0, 0.0, -1.0, float("nan")]), tis_cap=2.0),
+         "rollout_logprobs must not be NaN"),
+        (dict(advantages="1.0"), "advantages must be a torch.Tensor, got str"),
+        (dict(advantages=1.0), "advantages must be a torch.Tensor, got float"),
+        (dict(advantages=torch.tensor(1.0)), r"advantages must have shape \[4\]"),
         (dict(kl_estimator="k4"), "kl_estimator"),
         (dict(backend="fastest"), "backend"),
         (dict(temperature=0.0), "temperature"),
@@ -92,6 +101,28 @@ def test_value_checks_can_be_switched_off(monkeypatch):
     assert torch.isnan(out.loss)
 
 
+def test_minus_inf_log_probs_are_accepted():
+    inf = float("inf")
+    out = call(old_logprobs=torch.tensor([-inf, -1.0, -1.0, -1.0]), ref_logprobs=torch.tensor([-1.0, -inf, -1.0, -1.0]),
+               kl_coef=0.1, kl_estimator="k2")
+    assert out.loss.item() == float("inf")  # a reference log-prob of -inf: an infinite KL, honestly
+
+
+@pytest.mark.parametrize("backend", backends_on(torch.device("cpu")))
+def test_out_of_range_targets_are_clamped_without_validation(backend, monkeypatch):
+    """With SIRI_VALIDATE=0 every backend clamps a target into [0, V), as the docs say (the
+    torch backend raised inside gather)."""
+    monkeypatch.setenv("SIRI_VALIDATE", "0")
+    args = good()
+    clamped = torch.tensor([0, 9, 9, 2])
+    expected = policy_loss(args["logits"], clamped, args["advantages"], args["weights"], backend=backend)
+    out = policy_loss(args["logits"], torch.tensor([-5, 10, 99, 2]), args["advantages"], args["weights"],
+                      backend=backend)
+    torch.testing.assert_close(out.loss, expected.loss)
+    logp = token_logprobs(args["logits"], torch.tensor([-5, 10, 99, 2]), backend=backend)
+    torch.testing.assert_close(logp, expected.logprobs)
+
+
 def test_token_logprobs_rejects():
     with pytest.raises(ValueError, match="targets"):
         token_logprobs(torch.randn(3, 5), torch.tensor([0, 5, 1]), backend="torch")
@@ -99,3 +130,11 @@ def test_token_logprobs_rejects():
         token_logprobs(torch.randn(3), torch.tensor([0, 1, 1]))
     with pytest.raises(ValueError, match="return_entropy"):
         token_logprobs(torch.randn(3, 5), torch.tensor([0, 1, 1]), return_entropy=1)
+
+
+@pytest.mark.parametrize("advantage", ["1.0", True, None])
+def test_sample_advantage_that_is_no_number_is_named(advantage):
+    from siri.packing import Sample, pack
+
+    with pytest.raises(ValueError, match=r"samples\[0\]\.advantage must be a real number .* got "):
+        pack([Sample(prompt_ids=[1, 2], response_ids=[3], advantage=advantage)], max_tokens=8)

@@ -56,22 +56,27 @@ struct TokenLoss {
   float grad_entropy;
 };
 
+// Clamp that lets NaN through (fminf / fmaxf would return the bound): NaN in, NaN out.
+SIRI_HOST_DEVICE float clamp_keep_nan(float x, float low, float high) { return x < low ? low : (x > high ? high : x); }
+
 // reference.per_token_loss for one row, with the derivatives autograd would give it,
 // including its choices at ties: torch.maximum / torch.minimum split the gradient evenly
-// between equal branches, and torch.clamp passes it at the bounds.
+// between equal branches, and torch.clamp passes it at the bounds. Non-finite values follow
+// IEEE arithmetic but for the reference's two exceptions: the on-policy log-ratio is 0 even
+// where logp = -inf, and a zero kl_coef leaves the KL (possibly infinite) out of the loss.
 SIRI_HOST_DEVICE TokenLoss token_loss(float logp, float entropy, int64_t row, const PolicyInputs& in,
                                       const LossSettings& s) {
   const float adv = in.advantages[row];
   const float weight = in.weights[row];
-  // On-policy (no old logprobs): old = stop_grad(logp), so the ratio is exactly 1.
+  // On-policy (no old logprobs): old = stop_grad(logp), so the log-ratio is exactly 0.
   const float old = in.old_logprobs ? in.old_logprobs[row] : logp;
-  const float log_ratio = logp - old;
-  const float ratio = expf(fminf(fmaxf(log_ratio, -s.ratio_log_clamp), s.ratio_log_clamp));
-  // d ratio / d logp = ratio inside the clamp (bounds included), 0 where it binds.
-  const bool ratio_in_range = log_ratio >= -s.ratio_log_clamp && log_ratio <= s.ratio_log_clamp;
+  const float log_ratio = in.old_logprobs ? logp - old : 0.0f;
+  const float ratio = expf(clamp_keep_nan(log_ratio, -s.ratio_log_clamp, s.ratio_log_clamp));
+  // d ratio / d logp = ratio unless the clamp binds (bounds excluded; NaN does not bind).
+  const bool clamp_binds = log_ratio < -s.ratio_log_clamp || log_ratio > s.ratio_log_clamp;
 
   const float unclipped = -adv * ratio;
-  const float clipped = -adv * fminf(fmaxf(ratio, 1.0f - s.clip_low), 1.0f + s.clip_high);
+  const float clipped = -adv * clamp_keep_nan(ratio, 1.0f - s.clip_low, 1.0f + s.clip_high);
   // clipped > unclipped only when the clamp moved the ratio, where it has no gradient; at a
   // tie the ratio is in bounds (or A = 0), both branches have slope -A and their even
   // split is the full -A.
@@ -88,11 +93,12 @@ SIRI_HOST_DEVICE TokenLoss token_loss(float logp, float entropy, int64_t row, co
       dpg_dratio *= 0.5f;  // torch.minimum's even split with the constant branch
     }
   }
-  float dpg_dlogp = ratio_in_range ? dpg_dratio * ratio : 0.0f;
+  float dpg_dlogp = clamp_binds ? 0.0f : dpg_dratio * ratio;
   if (in.rollout_logprobs) {
     // Truncated importance weight of the trainer against the rollout engine: a constant
     // factor, no gradient through it.
-    const float tis = fminf(expf(old - in.rollout_logprobs[row]), s.tis_cap);
+    const float ratio_to_rollout = expf(old - in.rollout_logprobs[row]);
+    const float tis = ratio_to_rollout > s.tis_cap ? s.tis_cap : ratio_to_rollout;
     pg *= tis;
     dpg_dlogp *= tis;
   }
@@ -108,12 +114,16 @@ SIRI_HOST_DEVICE TokenLoss token_loss(float logp, float entropy, int64_t row, co
       dkl_dlogp = -d;
     } else {
       const float exp_d = expf(d);
-      kl = exp_d - d - 1.0f;
+      // exp(d) - d - 1 tends to +inf as d -> +inf (a target of probability 0); the formula
+      // itself would evaluate inf - inf.
+      kl = d == INFINITY ? exp_d : exp_d - d - 1.0f;
       dkl_dlogp = 1.0f - exp_d;
     }
   }
-  const float l = pg + s.kl_coef * kl - s.entropy_coef * entropy;
-  return {weight * l, kl, clip_code, weight * (dpg_dlogp + s.kl_coef * dkl_dlogp), -weight * s.entropy_coef};
+  const bool kl_term = s.kl_coef != 0.0f;
+  const float l = pg - s.entropy_coef * entropy + (kl_term ? s.kl_coef * kl : 0.0f);
+  const float dl_dlogp = dpg_dlogp + (kl_term ? s.kl_coef * dkl_dlogp : 0.0f);
+  return {weight * l, kl, clip_code, weight * dl_dlogp, -weight * s.entropy_coef};
 }
 
 // Target index of a row, clamped into [0, V): validation rejects out-of-range targets

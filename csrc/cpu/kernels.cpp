@@ -12,6 +12,12 @@
 // The exps use Vectorized::exp_u20 (a degree-5 polynomial, 20 ulp): a few times cheaper
 // than the 1-ulp Sleef exp, and its ~1e-6 relative error is below float32 reduction noise
 // over a row.
+//
+// u = x * (1 / tau) is always rounded before anything is subtracted from it (setup.py builds
+// this file with -ffp-contract=off, and no fmadd forms it): the row's max m and lse come from
+// rounded products, so u_j - m and u_j - lse are <= 0 exactly. An FMA computing x * inv_t - m
+// in one rounding would see the unrounded product and give the argmax a positive log-prob
+// (of the order of ulp(m), which grows as 1 / tau).
 
 #include <algorithm>
 #include <cmath>
@@ -79,7 +85,7 @@ float horizontal(const Vec& v, Op op) {
 
 // Pass 1 over a row: SoftmaxStats of u = x * inv_t, with a (the entropy accumulator) only
 // when kEntropy. Clamping u - m at the lowest float keeps exp(u - m) (u - m) at 0, not
-// 0 * -inf = NaN, for -inf logits.
+// 0 * -inf = NaN, for -inf logits: 0 log 0 = 0.
 template <typename T, bool kEntropy>
 SoftmaxStats row_stats(const T* row, int64_t vocab, float inv_t) {
   // Vectors are built inside the functions: a namespace-scope Vec would be a static
@@ -108,8 +114,8 @@ SoftmaxStats row_stats(const T* row, int64_t vocab, float inv_t) {
     const Vec scale(inv_t), neg_m(-m);
     for (int64_t j = start; j < vec_end; j += kStep) {
       Io<T>::load(row + j, x0, x1);
-      const Vec d0 = at::vec::maximum(at::vec::fmadd(x0, scale, neg_m), lowest);
-      const Vec d1 = at::vec::maximum(at::vec::fmadd(x1, scale, neg_m), lowest);
+      const Vec d0 = at::vec::maximum(x0 * scale + neg_m, lowest);
+      const Vec d1 = at::vec::maximum(x1 * scale + neg_m, lowest);
       const Vec e0 = d0.exp_u20(), e1 = d1.exp_u20();
       s = s + (e0 + e1);
       if (kEntropy) a = at::vec::fmadd(e1, d1, at::vec::fmadd(e0, d0, a));
@@ -125,19 +131,21 @@ SoftmaxStats row_stats(const T* row, int64_t vocab, float inv_t) {
   return {m, horizontal(s, add) + s_tail, kEntropy ? horizontal(a, add) + a_tail : 0.0f};
 }
 
-// Pass 2 over a row: grad_j = p_j (k1 + k2 (log p_j + H)) with k1 = -c / tau, k2 = -e / tau,
-// plus c / tau at the target. The target's entry is written last, from its logit x_target
+// Pass 2 over a row: grad_j = p_j (k1 + k2 [p_j > 0] (log p_j + H)) with k1 = -c / tau,
+// k2 = -e / tau, plus c / tau at the target: an entry of probability 0 takes no entropy term
+// (0 log 0 = 0) and otherwise IEEE arithmetic holds (an infinite or NaN c gives NaN), as in
+// reference.logits_gradient. The target's entry is written last, from its logit x_target
 // read before this pass (which may be overwriting the logits in place).
 template <typename T, bool kEntropyTerm>
 void write_row_gradient(const T* row, T* grad_row, int64_t vocab, int64_t target, float x_target, float inv_t,
                         float lse, float entropy, float c, float e) {
   const float k1 = -c * inv_t, k2 = kEntropyTerm ? -e * inv_t : 0.0f;
-  const Vec scale(inv_t), neg_lse(-lse), vk1(k1), vk2(k2), vh(entropy), lowest(kLowest);
+  const Vec scale(inv_t), neg_lse(-lse), vk1(k1), vk2(k2), vh(entropy), zero(0.0f);
   const auto grad_of = [&](const Vec& x) {
-    const Vec log_p = at::vec::fmadd(x, scale, neg_lse);
+    const Vec log_p = x * scale + neg_lse;
     const Vec p = log_p.exp_u20();
-    // log p clamped at the lowest float: p = 0 entries give 0, not 0 * -inf.
-    return kEntropyTerm ? p * at::vec::fmadd(vk2, at::vec::maximum(log_p, lowest) + vh, vk1) : p * vk1;
+    if (!kEntropyTerm) return p * vk1;
+    return p * at::vec::fmadd(vk2, Vec::blendv(zero, log_p + vh, p > zero), vk1);
   };
   const int64_t vec_end = vocab / kStep * kStep;
   Vec x0, x1;
@@ -148,7 +156,7 @@ void write_row_gradient(const T* row, T* grad_row, int64_t vocab, int64_t target
   const auto scalar_grad = [&](float x) {
     const float log_p = x * inv_t - lse;
     const float p = std::exp(log_p);
-    return p == 0.0f ? 0.0f : p * (k1 + k2 * (log_p + entropy));
+    return p * (k1 + k2 * (p > 0.0f ? log_p + entropy : 0.0f));
   };
   for (int64_t j = vec_end; j < vocab; ++j) grad_row[j] = static_cast<T>(scalar_grad(static_cast<float>(row[j])));
   grad_row[target] = static_cast<T>(scalar_grad(x_target) + c * inv_t);
@@ -157,6 +165,13 @@ void write_row_gradient(const T* row, T* grad_row, int64_t vocab, int64_t target
 template <typename T>
 void write_row_gradient(const T* row, T* grad_row, int64_t vocab, int64_t target, float x_target, float inv_t,
                         float lse, float entropy, float c, float e, bool entropy_term) {
+  if (!(lse > -std::numeric_limits<float>::infinity())) {
+    // A row of only -inf logits (lse = -inf) has no distribution: log p_j = -inf - lse is
+    // NaN for every j, and so is its gradient. Written here because exp_u20 does not carry
+    // a NaN through.
+    std::fill(grad_row, grad_row + vocab, static_cast<T>(std::numeric_limits<float>::quiet_NaN()));
+    return;
+  }
   if (entropy_term) {
     write_row_gradient<T, true>(row, grad_row, vocab, target, x_target, inv_t, lse, entropy, c, e);
   } else {

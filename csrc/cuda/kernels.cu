@@ -49,6 +49,12 @@ __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 
+// u = x / tau as a rounded product that nvcc never contracts into an FMA (__fmul_rn): the
+// row's max and lse come from these rounded values, so u - m and u - lse are <= 0 exactly,
+// where an FMA's unrounded product would give the argmax a positive log-prob of the order of
+// ulp(m), which grows as 1 / tau.
+__device__ __forceinline__ float scaled(float x, float inv_t) { return __fmul_rn(x, inv_t); }
+
 template <typename T>
 __device__ __forceinline__ T from_float(float x);
 template <>
@@ -124,7 +130,7 @@ __device__ SoftmaxStats thread_stats(const T* row, int64_t begin, int64_t end, f
   SoftmaxStats st = empty_stats();
   const RangeSplit split = split_range<T>(row, nullptr, begin, end);
   const auto add_one = [&](int64_t j) {
-    const float u[1] = {to_float(row[j]) * inv_t};
+    const float u[1] = {scaled(to_float(row[j]), inv_t)};
     add_to_stats(st, u);
   };
   for (int64_t j = begin + threadIdx.x; j < split.body_begin; j += kThreads) add_one(j);
@@ -132,7 +138,7 @@ __device__ SoftmaxStats thread_stats(const T* row, int64_t begin, int64_t end, f
     float u[kPack<T>];
     load_pack(row + split.body_begin + i * kPack<T>, u);
 #pragma unroll
-    for (int k = 0; k < kPack<T>; ++k) u[k] *= inv_t;
+    for (int k = 0; k < kPack<T>; ++k) u[k] = scaled(u[k], inv_t);
     add_to_stats(st, u);
   }
   for (int64_t j = split.tail_begin + threadIdx.x; j < end; j += kThreads) add_one(j);
@@ -180,9 +186,11 @@ __device__ __forceinline__ RowGrad make_row_grad(float lse, float entropy, float
 }
 
 __device__ __forceinline__ float grad_entry(float x, int64_t j, const RowGrad& g, float inv_t) {
-  const float log_p = fmaf(x, inv_t, -g.lse);
-  // log p clamped at -FLT_MAX: p = 0 entries give 0, not 0 * -inf.
-  const float grad = __expf(log_p) * fmaf(g.k2, fmaxf(log_p, -FLT_MAX) + g.entropy, g.k1);
+  const float log_p = scaled(x, inv_t) - g.lse;
+  const float p = __expf(log_p);
+  // An entry of probability 0 takes no entropy term (0 log 0 = 0); otherwise IEEE arithmetic
+  // holds (an infinite or NaN k1 gives NaN), as in reference.logits_gradient.
+  const float grad = p * fmaf(g.k2, p > 0.0f ? log_p + g.entropy : 0.0f, g.k1);
   return j == g.target ? grad + g.target_add : grad;
 }
 
@@ -261,7 +269,7 @@ __global__ void __launch_bounds__(kThreads) policy_loss_fused_kernel(PolicyLossA
   if (threadIdx.x == 0) {
     // Read before the barrier below, after which the gradient may overwrite it in place.
     const int64_t target = load_target(rows, t);
-    shared_grad = finish_policy_row(args, t, st, to_float(row[target]) * inv_t, target, true);
+    shared_grad = finish_policy_row(args, t, st, scaled(to_float(row[target]), inv_t), target, true);
   }
   __syncthreads();
   write_gradient(row, grad_row<T>(rows, t), 0, rows.vocab, shared_grad, inv_t, true);
@@ -280,7 +288,7 @@ __global__ void __launch_bounds__(kThreads)
   const T* row = logits_row<T>(rows, t);
   if (threadIdx.x == 0) {
     const int64_t target = load_target(rows, t);
-    if (target >= begin && target < end) u_target[t] = to_float(row[target]) * inv_t;
+    if (target >= begin && target < end) u_target[t] = scaled(to_float(row[target]), inv_t);
   }
   const SoftmaxStats st = block_merge(thread_stats(row, begin, end, inv_t));
   if (threadIdx.x == 0) partials[t * gridDim.y + blockIdx.y] = st;
