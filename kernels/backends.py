@@ -20,8 +20,11 @@ policy_loss_rows(logits, targets, advantages, weights, old, ref, rollout, cfg, o
     TIS applies when `rollout` is not None and `cfg.tis_cap` is not None.
 
 logprob_rows(logits, targets, temperature, logprobs, entropy, lse)
-    logprobs[t] = u[t, y_t] - lse[t]; lse[t] = logsumexp(u[t]); entropy[t] = H_t when
-    `entropy` is not None.
+    logprobs[t] = u[t, y_t] - logsumexp(u[t]); entropy[t] = H_t when `entropy` is not None.
+    lse[t] is the log-sum-exp of u[t] to the base `Backend.lse_base`, the unit the backend's
+    own logprob_backward reads: e, except in the Triton backend, whose kernels work in base
+    2 (a float32 value in nats, converted back, no longer matches their rounding of the
+    row's maximum: at |u| ~ 600 it moved the argmax's p by 3e-5).
 
 logprob_backward(logits, targets, temperature, lse, logprobs, entropy, grad_logprobs,
                  grad_entropy, grad_logits)
@@ -32,6 +35,7 @@ logprob_backward(logits, targets, temperature, lse, logprobs, entropy, grad_logp
 from __future__ import annotations
 
 import importlib
+import math
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -66,6 +70,7 @@ class Backend:
     policy_loss_rows: Callable[..., None]
     logprob_rows: Callable[..., None]
     logprob_backward: Callable[..., None]
+    lse_base: float = math.e  # of the `lse` that logprob_rows writes and logprob_backward reads
 
 
 # name -> module whose `make_backend()` returns a Backend, or None when unavailable here.

@@ -154,4 +154,5 @@ def make_backend(name: str) -> Backend | None:
         policy_loss_rows=policy_loss_rows,
         logprob_rows=logprob_rows,
         logprob_backward=logprob_backward,
+        lse_base=2.0,
     )

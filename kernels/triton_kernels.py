@@ -137,16 +137,24 @@ def _row_statistics(row_ptr, V, scale, BLOCK_V: tl.constexpr, WITH_ENTROPY: tl.c
 
 @triton.jit
 def _log2_prob(logit, scale, m, log2_s):
-    """log2 p of one logit, once per row: in float64, where logit * scale is exact, so the
-    log-prob carries one float32 rounding rather than three at the logits' magnitude."""
-    log2p = (tl.cast(logit, tl.float64) * tl.cast(scale, tl.float64) - tl.cast(m, tl.float64)) - tl.cast(
-        log2_s, tl.float64)
+    """log2 p of one logit, once per row. u = logit * scale is rounded to float32 exactly as
+    the statistics pass rounded it (so the argmax gets u - m = 0 and log2 p = -log2_s <= 0;
+    the exact product against the rounded m gave the argmax a positive log-prob of the order
+    of ulp(m), which grows as 1 / temperature); the two subtractions run in float64, so the
+    log-prob carries that one rounding rather than three at the logits' magnitude."""
+    u = logit.to(tl.float32) * scale
+    log2p = (tl.cast(u, tl.float64) - tl.cast(m, tl.float64)) - tl.cast(log2_s, tl.float64)
     return log2p.to(tl.float32)
 
 
 @triton.jit
 def _gradient_of_log2p(t, slope_a, slope_b, HAS_ENTROPY_TERM: tl.constexpr):
-    """p (A t + B) with t = log2 p (module docstring); the target's extra c / tau is not here."""
+    """p (A t + B) with t = log2 p (module docstring); the target's extra c / tau is not here.
+
+    log2 p <= 0 exactly; rounding can lift t above 0 (by ulps of the logits / temperature,
+    which at temperatures near 1e-9 are hundreds), so it is capped there: p never exceeds 1.
+    """
+    t = tl.minimum(t, 0.0, propagate_nan=tl.PropagateNan.ALL)
     if HAS_ENTROPY_TERM:
         t = _log2_floor(t)
         return tl.exp2(t) * (slope_a * t + slope_b)
@@ -154,14 +162,16 @@ def _gradient_of_log2p(t, slope_a, slope_b, HAS_ENTROPY_TERM: tl.constexpr):
 
 
 @triton.jit
-def _gradient_tile(x, scale, lse2, slope_a, slope_b, HAS_ENTROPY_TERM: tl.constexpr):
-    # One FMA per element for log2 p; its only rounding is that of lse2.
-    return _gradient_of_log2p(x * scale - lse2, slope_a, slope_b, HAS_ENTROPY_TERM)
+def _gradient_tile(x, scale, lse2_hi, lse2_lo, slope_a, slope_b, HAS_ENTROPY_TERM: tl.constexpr):
+    # log2 p = (u - hi) - lo with the row's log2-sum-exp kept as two parts (m and log2 s, or
+    # a float64 value split in two): u - hi is exact where p is not negligible (Sterbenz), so
+    # log2 p carries the rounding of u and not a second one of lse2 at the logits' magnitude.
+    return _gradient_of_log2p((x * scale - lse2_hi) - lse2_lo, slope_a, slope_b, HAS_ENTROPY_TERM)
 
 
 @triton.jit
 def _write_row_gradient(
-    row_ptr, grad_row_ptr, V, target, target_log2p, tail, scale, inv_temperature, lse2, entropy, c, e,
+    row_ptr, grad_row_ptr, V, target, target_log2p, tail, scale, inv_temperature, lse2_hi, lse2_lo, entropy, c, e,
     HAS_ENTROPY_TERM: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """d loss / d logits of one row: the tail tile from registers, then the full tiles last
@@ -173,13 +183,13 @@ def _write_row_gradient(
     dtype = grad_row_ptr.dtype.element_ty
     offs = tl.arange(0, BLOCK_V)
     num_full = (V - 1) // BLOCK_V
-    grad = _gradient_tile(tail, scale, lse2, slope_a, slope_b, HAS_ENTROPY_TERM)
+    grad = _gradient_tile(tail, scale, lse2_hi, lse2_lo, slope_a, slope_b, HAS_ENTROPY_TERM)
     tl.store(grad_row_ptr + num_full * BLOCK_V + offs, grad.to(dtype),
              mask=offs < V - num_full * BLOCK_V, eviction_policy="evict_first")
     for i in range(num_full):
         start = (num_full - 1 - i) * BLOCK_V
         x = _load_tile(row_ptr + start, offs, BLOCK_V, False, "evict_first")
-        grad = _gradient_tile(x, scale, lse2, slope_a, slope_b, HAS_ENTROPY_TERM)
+        grad = _gradient_tile(x, scale, lse2_hi, lse2_lo, slope_a, slope_b, HAS_ENTROPY_TERM)
         tl.store(grad_row_ptr + start + offs, grad.to(dtype), eviction_policy="evict_first")
     # Every thread's store of the row above is visible before the target's entry is
     # rewritten with its one-hot term (the same formula, plus c / tau).
@@ -333,7 +343,7 @@ def policy_loss_kernel(
             tl.store(clipped_ptr + row, clip_code)
             if COMPUTE_GRAD:
                 _write_row_gradient(
-                    row_ptr, grad_row_ptr, V, target, target_log2p, tail, scale, inv_temperature, m + log2_s, entropy,
+                    row_ptr, grad_row_ptr, V, target, target_log2p, tail, scale, inv_temperature, m, log2_s, entropy,
                     weight * dloss_dlogp, -weight * entropy_coef, HAS_ENTROPY_GRAD, BLOCK_V,
                 )
 
@@ -343,13 +353,14 @@ def logprob_kernel(
     logits_ptr, logits_row_stride, targets_ptr, logprobs_ptr, entropy_ptr, lse_ptr,
     num_rows, V, scale, WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    """logprobs, lse (nats) and optionally entropy of rows program_id, + num_programs, ..."""
+    """logprobs, lse (base 2: log2 sum 2^u) and optionally entropy of rows program_id, + num_programs, ..."""
     for row in range(tl.program_id(0), num_rows, tl.num_programs(0)):
         row_ptr = logits_ptr + tl.cast(row, tl.int64) * logits_row_stride
         m, log2_s, entropy, _ = _row_statistics(row_ptr, V, scale, BLOCK_V, WITH_ENTROPY, "evict_first")
         target_log2p = _log2_prob(tl.load(row_ptr + _load_target(targets_ptr, row, V)), scale, m, log2_s)
         tl.store(logprobs_ptr + row, target_log2p * LN2)
-        tl.store(lse_ptr + row, ((tl.cast(m, tl.float64) + tl.cast(log2_s, tl.float64)) * LN2).to(tl.float32))
+        # Base 2, as the backward uses it (Backend.lse_base explains why).
+        tl.store(lse_ptr + row, m + log2_s)
         if WITH_ENTROPY:
             tl.store(entropy_ptr + row, entropy)
 
@@ -375,7 +386,7 @@ def logprob_backward_kernel(
                           "evict_first")
         _write_row_gradient(
             row_ptr, grad_ptr + tl.cast(row, tl.int64) * grad_row_stride, V, target,
-            tl.load(logprobs_ptr + row) * LOG2E, tail, scale, inv_temperature, tl.load(lse_ptr + row) * LOG2E,
+            tl.load(logprobs_ptr + row) * LOG2E, tail, scale, inv_temperature, tl.load(lse_ptr + row), 0.0,
             entropy, tl.load(grad_logprobs_ptr + row), grad_entropy, HAS_GRAD_ENTROPY, BLOCK_V,
         )
 
