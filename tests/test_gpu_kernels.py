@@ -4,7 +4,7 @@ The `gpu` cases run where CUDA is (benchmarks/gpu_check.sh runs them on a lent G
 vocabulary of Qwen2.5 (V = 151,936), up to T = 16,384 rows (2.49e9 logits elements, past
 2^31, where 32-bit offsets overflow), each logits dtype, and a view whose rows start off a
 16-byte boundary with an odd row stride. The same bodies run on the CPU at small sizes, so
-they are checked everywhere.
+they are checked everywhere. Backend ids read `backend-<name>` (`-k backend-cuda` picks one).
 
 The oracle is `reference_outputs` of kernel_cases.py (float64, autograd for the gradient),
 evaluated over blocks of rows: every row's outputs and gradient depend on that row alone, so
@@ -125,7 +125,7 @@ CHECKS = [check_policy_loss, check_token_logprobs]
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", GPU_CASES, ids=case_label)
-@pytest.mark.parametrize("backend", backends_on(CUDA))
+@pytest.mark.parametrize("backend", backends_on(CUDA), ids=lambda name: f"backend-{name}")
 @pytest.mark.parametrize("check", CHECKS, ids=lambda f: f.__name__)
 def test_backend_matches_oracle_on_cuda(check, backend, case):
     _, num_rows, vocab, dtype, offset = case
@@ -134,7 +134,7 @@ def test_backend_matches_oracle_on_cuda(check, backend, case):
 
 
 @pytest.mark.parametrize("case", CPU_CASES, ids=case_label)
-@pytest.mark.parametrize("backend", backends_on(CPU))
+@pytest.mark.parametrize("backend", backends_on(CPU), ids=lambda name: f"backend-{name}")
 @pytest.mark.parametrize("check", CHECKS, ids=lambda f: f.__name__)
 def test_same_checks_on_cpu_at_small_sizes(check, backend, case):
     _, num_rows, vocab, dtype, offset = case
