@@ -13,14 +13,14 @@
 #     bash benchmarks/gpu_check.sh --dry-run   # print the steps and the time each may take
 #
 # Time: a GPU machine is lent for 15 minutes in all; its start takes a few. The script stops
-# every step at its deadline, GPU_CHECK_BUDGET_S seconds after it began (default 390), so that
+# every step at its deadline, GPU_CHECK_BUDGET_S seconds after it began (default 360), so that
 # start and run stay within 9 minutes and a second try fits. The benchmark writes its JSON
 # after every row, so a run cut short keeps what it measured.
 set -uo pipefail
 
 DRY_RUN=0
 [[ "${1:-}" == "--dry-run" ]] && DRY_RUN=1
-BUDGET_S=${GPU_CHECK_BUDGET_S:-390}
+BUDGET_S=${GPU_CHECK_BUDGET_S:-360}
 OUT=${OUT:-$PWD/gpu_check_out}
 PYTHON=${PYTHON:-python}
 PIP_OFFLINE=(--no-index --no-deps --no-build-isolation)

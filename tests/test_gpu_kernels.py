@@ -123,22 +123,20 @@ def check_token_logprobs(backend, num_rows, vocab, dtype, device, offset):
 CHECKS = [check_policy_loss, check_token_logprobs]
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("case", GPU_CASES, ids=case_label)
-@pytest.mark.parametrize("backend", backends_on(CUDA), ids=lambda name: f"backend-{name}")
-@pytest.mark.parametrize("check", CHECKS, ids=lambda f: f.__name__)
-def test_backend_matches_oracle_on_cuda(check, backend, case):
-    _, num_rows, vocab, dtype, offset = case
-    check(backend, num_rows, vocab, dtype, CUDA, offset)
-    torch.cuda.empty_cache()
+def device_cases():
+    """(device, backend, case) of every backend that runs there: CUDA's marked `gpu`."""
+    for device, cases, marks in ((CUDA, GPU_CASES, [pytest.mark.gpu]), (CPU, CPU_CASES, [])):
+        for backend in backends_on(device):
+            for case in cases:
+                label = f"{device.type}-backend-{backend}-{case_label(case)}"
+                yield pytest.param(device, backend, case, marks=marks, id=label)
 
 
-@pytest.mark.parametrize("case", CPU_CASES, ids=case_label)
-@pytest.mark.parametrize("backend", backends_on(CPU), ids=lambda name: f"backend-{name}")
+@pytest.mark.parametrize("device, backend, case", device_cases())
 @pytest.mark.parametrize("check", CHECKS, ids=lambda f: f.__name__)
-def test_same_checks_on_cpu_at_small_sizes(check, backend, case):
+def test_backend_matches_oracle(check, device, backend, case):
     _, num_rows, vocab, dtype, offset = case
-    check(backend, num_rows, vocab, dtype, CPU, offset)
+    check(backend, num_rows, vocab, dtype, device, offset)
 
 
 def test_gpu_cases_cover_the_sizes_they_claim():
