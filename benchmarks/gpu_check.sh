@@ -86,7 +86,9 @@ step gpu-tests-triton-torch 120 "${PYTEST[@]}" tests/test_gpu_kernels.py -k "bac
 
 if [[ -n "$BUILD_PID" ]]; then
     echo "waiting for the extension build ($(left) s left)"
-    timeout "$(left)" tail --pid="$BUILD_PID" -f /dev/null
+    # `timeout 0` would wait forever: at least one second.
+    timeout "$(( $(left) > 0 ? $(left) : 1 ))" tail --pid="$BUILD_PID" -f /dev/null
+    kill -0 "$BUILD_PID" 2>/dev/null && kill "$BUILD_PID" && echo "build-extension: stopped at the budget's end"
     wait "$BUILD_PID"
     echo "build-extension: exit $? after $(( $(date +%s) - STARTED )) s" | tee -a "$OUT/summary.txt"
     tail -n 5 "$OUT/build-extension.log"
