@@ -132,7 +132,7 @@ def device_cases():
                 yield pytest.param(device, backend, case, marks=marks, id=label)
 
 
-@pytest.mark.parametrize("device, backend, case", device_cases())
+@pytest.mark.parametrize("device, backend, case", list(device_cases()))
 @pytest.mark.parametrize("check", CHECKS, ids=lambda f: f.__name__)
 def test_backend_matches_oracle(check, device, backend, case):
     _, num_rows, vocab, dtype, offset = case
