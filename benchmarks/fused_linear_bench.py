@@ -1,14 +1,18 @@
-"""Hidden states + LM head to the policy loss, forward+backward: fused against naive.
+"""Hidden states + LM head to the policy loss, forward+backward: fused against naive and peers.
 
 Methods, all measured in the same process:
 - siri-fused: `fused_linear_policy_loss`, its default vocabulary split (the [T, V] logits
-  never built, about 1% of them at a time, recomputed for the gradient);
+  never built, about 1% of them at a time, recomputed for the gradient; `-novalidate`: the
+  same under `SIRI_VALIDATE=0`);
 - siri-fused-chunks: the same with `chunk_size=1024` (row chunks with their full logits);
 - siri-logits: logits = hidden @ weight.T materialised, then siri's fused `policy_loss` with
   its default out-of-place gradient (`inplace_backward=True` would reuse the logits'
   buffer, about one [T, V] less: not measured here);
 - naive: the same in plain PyTorch (matmul, log_softmax, gather, loss, autograd);
-- compile: `torch.compile` of naive.
+- compile: `torch.compile` of naive;
+- peers (benchmarks/peers.py, when installed): Liger-Kernel's `LigerFusedLinearGRPOLoss`
+  (the same loss, chunked over sequences, torch.compile'd) and Cut Cross-Entropy's
+  `linear_cross_entropy` (cross-entropy, not the same loss: the same GEMMs).
 
 Floor: three GEMMs (logits, grad of hidden, grad of weight), 6 * T * H * V flops over the
 bf16 (GPU) or float32 (CPU) matmul rate measured in this run (the vocabulary split's own
@@ -26,8 +30,16 @@ import torch
 
 from siri.kernels import fused_linear_policy_loss, policy_loss
 
-from .policy_loss_bench import GRPO, eager_loss
-from .timing import child_peak_report, compiled_on_first_call, median_ms, peak_cuda_extra_mb, peak_rss_extra_mb_in_child
+from . import peers
+from .policy_loss_bench import GRPO, Method, eager_loss, without_validation
+from .timing import (
+    child_peak_report,
+    compiled_on_first_call,
+    measured,
+    median_ms,
+    peak_cuda_extra_mb,
+    peak_rss_extra_mb_in_child,
+)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -58,15 +70,64 @@ def naive_loss(hidden, weight, targets, advantages, weights, old):
 compiled_naive_loss = compiled_on_first_call(naive_loss)
 
 
-METHODS = {
-    "siri-fused": lambda h, w, *a: fused_linear_policy_loss(h, w, *a[:3], old_logprobs=a[3], clip_low=GRPO.clip_low,
-                                                            clip_high=GRPO.clip_high).loss,
-    "siri-fused-chunks": lambda h, w, *a: fused_linear_policy_loss(
-        h, w, *a[:3], old_logprobs=a[3], clip_low=GRPO.clip_low, clip_high=GRPO.clip_high, chunk_size=1024).loss,
-    "siri-logits": lambda h, w, *a: policy_loss(h @ w.t(), *a[:3], old_logprobs=a[3]).loss,
-    "naive": naive_loss,
-    "compile": compiled_naive_loss,
-}
+def siri_fused_loss(h, w, *a):
+    return fused_linear_policy_loss(h, w, *a[:3], old_logprobs=a[3], clip_low=GRPO.clip_low,
+                                    clip_high=GRPO.clip_high).loss
+
+
+def siri_fused_chunks_loss(h, w, *a):
+    return fused_linear_policy_loss(h, w, *a[:3], old_logprobs=a[3], clip_low=GRPO.clip_low,
+                                    clip_high=GRPO.clip_high, chunk_size=1024).loss
+
+
+def siri_logits_loss(h, w, *a):
+    return policy_loss(h @ w.t(), *a[:3], old_logprobs=a[3]).loss
+
+
+def liger_fused_linear_grpo():
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    module = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, epsilon_low=GRPO.clip_low,
+                                      epsilon_high=GRPO.clip_high, loss_type="dapo", temperature=1.0)
+
+    def loss(h, w, targets, advantages, weights, old):
+        num_sequences, length = peers.sequences(h.shape[0])
+        shaped = lambda t: t.view(num_sequences, length, *t.shape[1:])  # noqa: E731
+        mask = torch.ones(num_sequences, length, device=h.device)
+        return module(shaped(h), w, shaped(targets), mask, shaped(advantages)[:, 0].contiguous(),
+                      old_per_token_logps=shaped(old))[0]
+
+    return loss
+
+
+def cce_linear_cross_entropy(h, w, targets, *_):
+    from cut_cross_entropy import linear_cross_entropy
+
+    return linear_cross_entropy(h, w, targets, reduction="sum")
+
+
+def _loss_step(loss_fn):
+    return lambda inputs: _step(loss_fn, inputs)
+
+
+def methods() -> dict[str, Method]:
+    """Every method measured, the naive baseline first (speedups refer to it)."""
+    found = {
+        "naive": Method(_loss_step(naive_loss)),
+        "compile": Method(_loss_step(compiled_naive_loss)),
+        "siri-fused": Method(_loss_step(siri_fused_loss)),
+        "siri-fused-novalidate": Method(without_validation(_loss_step(siri_fused_loss)), peak_memory=False),
+        "siri-fused-chunks": Method(_loss_step(siri_fused_chunks_loss)),
+        "siri-logits": Method(_loss_step(siri_logits_loss)),
+    }
+    liger, cce = peers.version(peers.LIGER), peers.version(peers.CCE)
+    if liger is not None:
+        # Built when measured, so that a failing import becomes that row's error.
+        found["liger-fused-linear-grpo"] = Method(lambda inputs: _step(liger_fused_linear_grpo(), inputs), peer=liger)
+    if cce is not None:
+        found["cce-linear-cross-entropy"] = Method(_loss_step(cce_linear_cross_entropy), peer=cce,
+                                                   computes="cross-entropy")
+    return found
 
 
 def matmul_tflops(device: torch.device, dtype: torch.dtype, m: int, k: int, n: int) -> float:
@@ -91,8 +152,8 @@ def _step(loss_fn, inputs):
     return setup, run
 
 
-def measure(device: torch.device, quick: bool, copy_gbs: float) -> list[dict]:
-    rows = []
+def measure(device: torch.device, quick: bool, copy_gbs: float):
+    """Yields one row per (shape, method), as soon as it is measured."""
     for num_rows, hidden_size, vocab, dtype_name in shapes(device, quick):
         dtype = DTYPES[dtype_name]
         # Peak matmul rate from a square GEMM; the floor assumes the three GEMMs reach it.
@@ -104,34 +165,41 @@ def measure(device: torch.device, quick: bool, copy_gbs: float) -> list[dict]:
         # Gradients of hidden and weight are outputs, not overhead: subtract their size.
         grads_mb = (num_rows + vocab) * hidden_size * dtype.itemsize / 2**20
         inputs = make_inputs(num_rows, hidden_size, vocab, dtype, device)
-        for name, loss_fn in METHODS.items():
-            setup, run = _step(loss_fn, inputs)
-            ms = median_ms(run, setup, device, min_reps=3, budget_s=1.0 if quick else 3.0)
-            if device.type == "cuda":
-                peak_mb = peak_cuda_extra_mb(run, setup, device)
-            else:
-                spec = dict(method=name, num_rows=num_rows, hidden_size=hidden_size, vocab=vocab, dtype=dtype_name)
-                peak_mb = peak_rss_extra_mb_in_child("benchmarks.fused_linear_bench", spec)
-            overhead_mb = max(0.0, peak_mb - grads_mb)
-            rows.append(dict(
-                section="fused_linear", method=name, T=num_rows, H=hidden_size, V=vocab, dtype=dtype_name,
-                ms=round(ms, 2), tflops=round(flops / (ms * 1e-3) / 1e12, 2), floor_fraction=round(floor_ms / ms, 3),
-                peak_extra_mb=round(peak_mb, 1), overhead_mb=round(overhead_mb, 1),
-                overhead_vs_logits=round(overhead_mb / logits_mb, 4),
-                matmul_tflops=round(rate, 2), logits_mb=round(logits_mb, 1),
-            ))
-        naive = next(r for r in rows if r["method"] == "naive" and r["T"] == num_rows and r["H"] == hidden_size)
-        for row in rows:
-            if row["T"] == num_rows and row["H"] == hidden_size:
-                row["speedup_vs_eager"] = round(naive["ms"] / row["ms"], 2)
-                row["extra_vs_naive"] = round(row["peak_extra_mb"] / max(naive["peak_extra_mb"], 1e-9), 4)
-    return rows
+        naive = {}
+        for name, method in methods().items():
+            row = dict(section="fused_linear", method=name, T=num_rows, H=hidden_size, V=vocab, dtype=dtype_name,
+                       matmul_tflops=round(rate, 2), logits_mb=round(logits_mb, 1), **method.labels())
+
+            def figures(name=name, method=method):
+                setup, run = method.make(inputs)
+                ms = median_ms(run, setup, device, min_reps=3, budget_s=1.0 if quick else 3.0)
+                found = dict(ms=round(ms, 2), tflops=round(flops / (ms * 1e-3) / 1e12, 2),
+                             floor_fraction=round(floor_ms / ms, 3),
+                             speedup_vs_eager=round(naive["ms"] / ms, 2) if naive.get("ms") else None)
+                if method.peak_memory:
+                    if device.type == "cuda":
+                        peak_mb = peak_cuda_extra_mb(run, setup, device)
+                    else:
+                        spec = dict(method=name, num_rows=num_rows, hidden_size=hidden_size, vocab=vocab,
+                                    dtype=dtype_name)
+                        peak_mb = peak_rss_extra_mb_in_child("benchmarks.fused_linear_bench", spec)
+                    overhead_mb = max(0.0, peak_mb - grads_mb)
+                    found.update(peak_extra_mb=round(peak_mb, 1), overhead_mb=round(overhead_mb, 1),
+                                 overhead_vs_logits=round(overhead_mb / logits_mb, 4))
+                    if naive.get("peak_extra_mb"):
+                        found["extra_vs_naive"] = round(peak_mb / naive["peak_extra_mb"], 4)
+                return found
+
+            row = measured(row, figures, device)
+            if name == "naive":
+                naive = row
+            yield row
 
 
 def _child(spec: dict) -> None:
     device = torch.device("cpu")
     inputs = make_inputs(spec["num_rows"], spec["hidden_size"], spec["vocab"], DTYPES[spec["dtype"]], device)
-    child_peak_report(*_step(METHODS[spec["method"]], inputs))
+    child_peak_report(*methods()[spec["method"]].make(inputs))
 
 
 if __name__ == "__main__":

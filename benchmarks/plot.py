@@ -27,7 +27,9 @@ def plot(results: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sections = {name: rows for name, rows in results["sections"].items() if rows and "ms" in rows[0]}
+    # Rows that record an error have no time to draw (the JSON keeps them).
+    timed = {name: [row for row in rows if "ms" in row] for name, rows in results["sections"].items()}
+    sections = {name: rows for name, rows in timed.items() if rows}
     fig, axes = plt.subplots(len(sections), 2, figsize=(12, 3.2 * len(sections)), squeeze=False)
     for (name, rows), (ax_ms, ax_floor) in zip(sections.items(), axes):
         order = {}

@@ -1,10 +1,15 @@
-"""policy_loss forward+backward on the logits path: siri's backends against PyTorch.
+"""policy_loss forward+backward on the logits path: siri's backends against PyTorch and peers.
 
 Setting: the paper's GRPO loss (old log-probs given, clip 0.2 / 0.28, no KL, no entropy
-bonus). Baselines, measured in the same process:
+bonus). Methods, measured in the same process:
+- siri-<backend>: `policy_loss` (value checks on, as a user calls it); `-inplace` with
+  `inplace_backward=True`; `-novalidate` under `SIRI_VALIDATE=0`; `-kernel` the backend's
+  `policy_loss_rows` alone on prepared buffers. Their differences are host overhead;
 - eager: log_softmax + gather + the same loss in PyTorch, in the logits' dtype, entropy
-  under no_grad for the metrics (as verl logs it);
-- compiled: `torch.compile` of that same function.
+  under no_grad for the metrics (as verl logs it); compile: `torch.compile` of it;
+- peers (benchmarks/peers.py, when installed): Liger-Kernel's Triton GRPO loss (same loss,
+  [B, L + 1, V] logits, gradient written in place) and `LigerCrossEntropyLoss`
+  (cross-entropy: the same traffic, not the same loss).
 
 Floor: the fused op must read the logits once and write their gradient once, so
 bytes = 2 * T * V * itemsize, and the floor time is bytes over the copy bandwidth measured
@@ -15,15 +20,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-from siri.kernels import policy_loss, token_logprobs
-from siri.kernels.backends import BACKEND_NAMES, _load
+from siri.kernels import available_backends, get_backend, policy_loss, token_logprobs
+from siri.kernels.backends import RowOutputs
 from siri.kernels.config import LossConfig
 from siri.kernels.reference import per_token_loss
 
-from .timing import child_peak_report, compiled_on_first_call, median_ms, peak_cuda_extra_mb, peak_rss_extra_mb_in_child
+from . import peers
+from .timing import (
+    child_peak_report,
+    compiled_on_first_call,
+    measured,
+    median_ms,
+    peak_cuda_extra_mb,
+    peak_rss_extra_mb_in_child,
+)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 GRPO = LossConfig(clip_low=0.2, clip_high=0.28)
@@ -64,88 +80,184 @@ def eager_loss(logits, targets, advantages, weights, old):
 compiled_loss = compiled_on_first_call(eager_loss)
 
 
-def methods(device: torch.device) -> dict:
-    """name -> (loss function of the five inputs, writes the gradient into the logits?)."""
-    found = {}
-    for name in BACKEND_NAMES:
-        backend = _load(name)
-        # Triton on a CPU only runs in the interpreter: a correctness tool, not a contender.
-        if backend is None or not backend.supports_device(device) or (name == "triton" and device.type != "cuda"):
-            continue
-        found[f"siri-{name}"] = (
-            (lambda b: lambda *a: policy_loss(*a[:4], old_logprobs=a[4], backend=b).loss)(name),
-            False,
-        )
-        if name != "torch":
-            found[f"siri-{name}-inplace"] = (
-                (
-                    lambda b: lambda *a: policy_loss(
-                        *a[:4], old_logprobs=a[4], inplace_backward=True, backend=b
-                    ).loss
-                )(name),
-                True,
-            )
-    found["eager"] = eager_loss, False
-    found["compile"] = compiled_loss, False
-    return found
+@dataclass(frozen=True)
+class Method:
+    """make(inputs) -> (setup, run) of one timed forward+backward; setup is untimed."""
+
+    make: Callable
+    peer: str | None = None  # "<distribution> <version>" of a peer
+    computes: str = "grpo"  # what the method computes, where it is not the GRPO loss
+    peak_memory: bool = True  # variants with the memory of a row already measured skip it
+
+    def labels(self) -> dict:
+        """What a results row says of the method beyond its name."""
+        found = {} if self.peer is None else {"peer": self.peer}
+        return found if self.computes == "grpo" else dict(found, computes=self.computes)
 
 
-def _step(loss_fn, inplace, inputs):
-    """(setup, run) of one forward+backward; setup is untimed.
+def _loss_step(loss_fn, inplace):
+    """make() of a loss function of the five inputs.
 
     The gradient is taken with `torch.autograd.grad`, not accumulated into `.grad`: a leaf's
     accumulation would copy a gradient that aliases a saved buffer (the in-place variant),
     a cost an LM head's output, whose backward consumes the gradient, never pays.
     """
-    logits, *rest = inputs
-    leaf = logits.clone().requires_grad_(True)
 
-    def setup():
-        if inplace:  # the logits are overwritten by their gradient: a fresh copy each time
-            return logits.clone().requires_grad_(True)
-        return leaf
+    def make(inputs):
+        logits, *rest = inputs
+        leaf = logits.clone().requires_grad_(True)
+
+        def setup():
+            if inplace:  # the logits are overwritten by their gradient: a fresh copy each time
+                return logits.clone().requires_grad_(True)
+            return leaf
+
+        def run(x):
+            torch.autograd.grad(loss_fn(x, *rest), x)
+
+        return setup, run
+
+    return make
+
+
+def without_validation(make):
+    """make() of the same step with the value checks off (`SIRI_VALIDATE=0`) while it runs."""
+
+    def without(inputs):
+        setup, run = make(inputs)
+
+        def run_unchecked(args):
+            previous = os.environ.get("SIRI_VALIDATE")
+            os.environ["SIRI_VALIDATE"] = "0"
+            try:
+                run(args)
+            finally:
+                if previous is None:
+                    del os.environ["SIRI_VALIDATE"]
+                else:
+                    os.environ["SIRI_VALIDATE"] = previous
+
+        return setup, run_unchecked
+
+    return without
+
+
+def _kernel_step(name):
+    """make() of the backend's row entry point alone: no checks, no autograd, buffers prepared."""
+
+    def make(inputs):
+        logits, targets, advantages, weights, old = inputs
+        backend = get_backend(name)
+        out = RowOutputs.empty(logits.shape[0], logits.device)
+        grad = torch.empty_like(logits)
+
+        def run(_):
+            backend.policy_loss_rows(logits, targets, advantages, weights, old, None, None, GRPO, out, grad)
+
+        return (lambda: None), run
+
+    return make
+
+
+def _liger_grpo_step(inputs):
+    from liger_kernel.transformers.grpo_loss import triton_grpo_loss
+
+    logits, targets, advantages, _, old = inputs
+    num_sequences, length = peers.sequences(logits.shape[0])
+    # Liger scores token l of a sequence from logits row l of [B, L + 1, V]: one spare row each.
+    padded = torch.cat([logits.view(num_sequences, length, -1), logits.new_zeros(num_sequences, 1, logits.shape[1])], 1)
+    ids, old_seq = targets.view(num_sequences, length), old.view(num_sequences, length)
+    sequence_advantages = advantages.view(num_sequences, length)[:, 0].contiguous()
 
     def run(x):
-        torch.autograd.grad(loss_fn(x, *rest), x)
+        loss, _ = triton_grpo_loss(
+            x, old_seq, None, ids, sequence_advantages, temperature=1.0, beta=0.0, eps_low=GRPO.clip_low,
+            eps_high=GRPO.clip_high, inplace=True, loss_type="dapo", reduce=True,
+        )
+        torch.autograd.grad(loss, x)
 
-    return setup, run
+    # inplace=True writes the gradient over the logits: a fresh copy each time, as siri's in-place.
+    return (lambda: padded.clone().requires_grad_(True)), run
 
 
-def measure(device: torch.device, quick: bool, copy_gbs: float) -> list[dict]:
-    rows = []
+def _liger_cross_entropy_step(inputs):
+    from liger_kernel.transformers import LigerCrossEntropyLoss
+
+    logits, targets = inputs[:2]
+    loss_fn = LigerCrossEntropyLoss(reduction="sum")
+
+    def run(x):
+        torch.autograd.grad(loss_fn(x, targets), x)
+
+    # It writes the gradient into its input during the forward: a fresh copy each time.
+    return (lambda: logits.clone().requires_grad_(True)), run
+
+
+def methods(device: torch.device) -> dict[str, Method]:
+    """Every method measured on `device`, the eager baseline first (speedups refer to it)."""
+    found = {"eager": Method(_loss_step(eager_loss, False)), "compile": Method(_loss_step(compiled_loss, False))}
+    for name in available_backends():
+        backend = get_backend(name)
+        # Triton on a CPU only runs in the interpreter: a correctness tool, not a contender.
+        if not backend.supports_device(device) or (name == "triton" and device.type != "cuda"):
+            continue
+
+        def api(b=name, inplace=False):
+            return lambda *a: policy_loss(*a[:4], old_logprobs=a[4], inplace_backward=inplace, backend=b).loss
+
+        found[f"siri-{name}"] = Method(_loss_step(api(), False))
+        if name == "torch":  # the reference: a correctness tool, measured once
+            continue
+        found[f"siri-{name}-inplace"] = Method(_loss_step(api(inplace=True), True))
+        found[f"siri-{name}-novalidate"] = Method(without_validation(_loss_step(api(), False)), peak_memory=False)
+        found[f"siri-{name}-kernel"] = Method(_kernel_step(name), peak_memory=False)
+    liger = peers.version(peers.LIGER)
+    if liger is not None:
+        found["liger-grpo-triton"] = Method(_liger_grpo_step, peer=liger)
+        found["liger-cross-entropy"] = Method(_liger_cross_entropy_step, peer=liger, computes="cross-entropy")
+    return found
+
+
+def measure(device: torch.device, quick: bool, copy_gbs: float):
+    """Yields one row per (shape, method), as soon as it is measured."""
     for num_rows, vocab, dtype_name in shapes(device, quick):
         dtype = DTYPES[dtype_name]
         inputs = make_inputs(num_rows, vocab, dtype, device)
         floor_bytes = 2 * num_rows * vocab * dtype.itemsize  # read logits once, write the gradient once
         floor_ms = floor_bytes / (copy_gbs * 1e9) * 1e3
-        logits_mb = num_rows * vocab * dtype.itemsize / 2**20
-        for name, (loss_fn, inplace) in methods(device).items():
-            setup, run = _step(loss_fn, inplace, inputs)
-            ms = median_ms(run, setup, device, budget_s=1.0 if quick else 3.0)
-            if device.type == "cuda":
-                peak_mb = peak_cuda_extra_mb(run, setup, device)
-            else:
-                peak_mb = peak_rss_extra_mb_in_child(
-                    "benchmarks.policy_loss_bench",
-                    dict(method=name, num_rows=num_rows, vocab=vocab, dtype=dtype_name),
-                )
-            rows.append(dict(
-                section="policy_loss", method=name, T=num_rows, V=vocab, dtype=dtype_name, ms=round(ms, 3),
-                gbs=round(floor_bytes / (ms * 1e-3) / 1e9, 1), floor_fraction=round(floor_ms / ms, 3),
-                peak_extra_mb=round(peak_mb, 1), logits_mb=round(logits_mb, 1),
-            ))
-    by_key = {(r["T"], r["dtype"], r["method"]): r for r in rows}
-    for row in rows:
-        eager = by_key.get((row["T"], row["dtype"], "eager"))
-        row["speedup_vs_eager"] = round(eager["ms"] / row["ms"], 2) if eager else None
-    return rows
+        eager_ms = None
+        for name, method in methods(device).items():
+            row = dict(section="policy_loss", method=name, T=num_rows, V=vocab, dtype=dtype_name,
+                       logits_mb=round(num_rows * vocab * dtype.itemsize / 2**20, 1))
+            row.update(method.labels())
+
+            def figures(name=name, method=method):
+                setup, run = method.make(inputs)
+                ms = median_ms(run, setup, device, budget_s=1.0 if quick else 3.0)
+                found = dict(ms=round(ms, 3), gbs=round(floor_bytes / (ms * 1e-3) / 1e9, 1),
+                             floor_fraction=round(floor_ms / ms, 3),
+                             speedup_vs_eager=round(eager_ms / ms, 2) if eager_ms else None)
+                if method.peak_memory:
+                    found["peak_extra_mb"] = round(_peak_mb(name, run, setup, device, num_rows, vocab, dtype_name), 1)
+                return found
+
+            row = measured(row, figures, device)
+            if name == "eager":
+                eager_ms = row.get("ms")
+            yield row
+
+
+def _peak_mb(name, run, setup, device, num_rows, vocab, dtype_name) -> float:
+    if device.type == "cuda":
+        return peak_cuda_extra_mb(run, setup, device)
+    spec = dict(method=name, num_rows=num_rows, vocab=vocab, dtype=dtype_name)
+    return peak_rss_extra_mb_in_child("benchmarks.policy_loss_bench", spec)
 
 
 def _child(spec: dict) -> None:
     device = torch.device("cpu")
-    loss_fn, inplace = methods(device)[spec["method"]]
     inputs = make_inputs(spec["num_rows"], spec["vocab"], DTYPES[spec["dtype"]], device)
-    child_peak_report(*_step(loss_fn, inplace, inputs))
+    child_peak_report(*methods(device)[spec["method"]].make(inputs))
 
 
 if __name__ == "__main__":

@@ -7,9 +7,10 @@ compiles each `Launch` of `triton_launches.py` for each variant below with
 spills and stack frame from ptxas's own log of that compile, prints a table and exits 1 if
 any variant failed to compile or spilled. The Triton interpreter cannot stand in for this:
 it runs the Python body and accepts what the compiler rejects (a non-constexpr global, for
-one). Run it in a process without `TRITON_INTERPRET=1` and with a fresh `TRITON_CACHE_DIR`:
-Triton's disk-cache key does not cover non-constexpr globals, so a binary cached from a
-fixed source can hide a broken one.
+one). Run it in a process without `TRITON_INTERPRET=1`. Every variant is compiled afresh,
+never read from Triton's disk cache, whose key does not cover non-constexpr globals (a binary
+cached from a fixed source could hide a broken one); a fresh `TRITON_CACHE_DIR` keeps the
+run from adding to a user's cache.
 
 Variants of each launch: every feature switch off, every switch on (its last value), each
 switch alone on each of its other values; each logits dtype; the tiling chosen for each of
@@ -174,6 +175,8 @@ def compile_variant(launch: Launch, variant: Variant, *, keep_kernel: bool = Fal
             triton.knobs.nvidia.dump_ptxas_log = True
             # Users' launches honour no such escape hatch by default: neither does the check.
             triton.knobs.compilation.allow_non_constexpr_globals = False
+            # A cached binary would skip ptxas (no log) and could come from an older source.
+            triton.knobs.compilation.always_compile = True
             kernel = triton.compile(
                 ASTSource(launch.kernel, signature, constexprs=constexprs, attrs=attrs),
                 target=GPUTarget("cuda", variant.arch, WARP_SIZE), options={"num_warps": warps, **launch.options},

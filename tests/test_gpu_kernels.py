@@ -4,7 +4,7 @@ The `gpu` cases run where CUDA is (benchmarks/gpu_check.sh runs them on a lent G
 vocabulary of Qwen2.5 (V = 151,936), up to T = 16,384 rows (2.49e9 logits elements, past
 2^31, where 32-bit offsets overflow), each logits dtype, and a view whose rows start off a
 16-byte boundary with an odd row stride. The same bodies run on the CPU at small sizes, so
-they are checked everywhere.
+they are checked everywhere. Backend ids read `backend-<name>` (`-k backend-cuda` picks one).
 
 The oracle is `reference_outputs` of kernel_cases.py (float64, autograd for the gradient),
 evaluated over blocks of rows: every row's outputs and gradient depend on that row alone, so
@@ -123,22 +123,20 @@ def check_token_logprobs(backend, num_rows, vocab, dtype, device, offset):
 CHECKS = [check_policy_loss, check_token_logprobs]
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("case", GPU_CASES, ids=case_label)
-@pytest.mark.parametrize("backend", backends_on(CUDA))
-@pytest.mark.parametrize("check", CHECKS, ids=lambda f: f.__name__)
-def test_backend_matches_oracle_on_cuda(check, backend, case):
-    _, num_rows, vocab, dtype, offset = case
-    check(backend, num_rows, vocab, dtype, CUDA, offset)
-    torch.cuda.empty_cache()
+def device_cases():
+    """(device, backend, case) of every backend that runs there: CUDA's marked `gpu`."""
+    for device, cases, marks in ((CUDA, GPU_CASES, [pytest.mark.gpu]), (CPU, CPU_CASES, [])):
+        for backend in backends_on(device):
+            for case in cases:
+                label = f"{device.type}-backend-{backend}-{case_label(case)}"
+                yield pytest.param(device, backend, case, marks=marks, id=label)
 
 
-@pytest.mark.parametrize("case", CPU_CASES, ids=case_label)
-@pytest.mark.parametrize("backend", backends_on(CPU))
+@pytest.mark.parametrize("device, backend, case", list(device_cases()))
 @pytest.mark.parametrize("check", CHECKS, ids=lambda f: f.__name__)
-def test_same_checks_on_cpu_at_small_sizes(check, backend, case):
+def test_backend_matches_oracle(check, device, backend, case):
     _, num_rows, vocab, dtype, offset = case
-    check(backend, num_rows, vocab, dtype, CPU, offset)
+    check(backend, num_rows, vocab, dtype, device, offset)
 
 
 def test_gpu_cases_cover_the_sizes_they_claim():
