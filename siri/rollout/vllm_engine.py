@@ -56,6 +56,7 @@ from typing import Any
 
 import torch
 
+from siri.errors import UserError
 from siri.precision import TORCH_DTYPES
 from siri.rollout.base import (
     FINISH_LENGTH,
@@ -182,14 +183,14 @@ def model_head_size(hf_config: Any) -> int:
 
 
 def check_head_size(hf_config: Any, supported: Sequence[int], model_path: str) -> None:
-    """ValueError unless the model's head size is one vLLM's CPU attention takes.
+    """UserError unless the model's head size is one vLLM's CPU attention takes.
 
     vLLM itself would fail much later, inside its attention kernels ("Unsupported CPU
     attention configuration"), after loading the weights.
     """
     head_dim = model_head_size(hf_config)
     if head_dim not in supported:
-        raise ValueError(
+        raise UserError(
             f"vLLM's CPU attention does not support head size {head_dim} (the model at {model_path!r}); it supports "
             f"{sorted(supported)}: choose a model shape with one of them, or use rollout.engine=hf"
         )
