@@ -84,6 +84,7 @@ class RolloutConfig:
     # vLLM only
     gpu_memory_utilization: float = 0.5
     enforce_eager: bool = False
+    kv_cache_gib: float | None = None  # the KV cache's size; None: from gpu_memory_utilization
     # transformers only: prompts generated together
     generation_batch_size: int = 64
 
@@ -258,6 +259,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise UserError(f"rollout.gpu_memory_utilization must be in (0, 1], got {cfg.rollout.gpu_memory_utilization!r}")
     if len(cfg.optim.betas) != 2 or not all(0 <= beta < 1 for beta in cfg.optim.betas):
         raise UserError(f"optim.betas must hold two numbers in [0, 1), got {cfg.optim.betas!r}")
+    if cfg.rollout.kv_cache_gib is not None:
+        _positive("rollout.kv_cache_gib", cfg.rollout.kv_cache_gib)
     if cfg.prompts_per_step % cfg.algorithm.mini_batches:
         raise UserError(
             f"prompts_per_step ({cfg.prompts_per_step}) must be a multiple of algorithm.mini_batches "

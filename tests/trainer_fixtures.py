@@ -20,12 +20,14 @@ def make_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>")
 
 
-def make_model(tokenizer, seed: int = 0):
+def make_model(tokenizer, seed: int = 0, hidden_size: int = 32):
+    """Two attention heads of `hidden_size // 2` each: vLLM's CPU attention takes 64 (hidden 128), not 16."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
     config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1,
         intermediate_size=64, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.eos_token_id, attn_implementation="sdpa", tie_word_embeddings=False,
     )
@@ -43,9 +45,9 @@ def write_problems(path: str, count: int = 12) -> str:
     return path
 
 
-def save_model_dir(path: str, seed: int = 0) -> str:
+def save_model_dir(path: str, seed: int = 0, hidden_size: int = 32) -> str:
     tokenizer = make_tokenizer()
-    make_model(tokenizer, seed).save_pretrained(path)
+    make_model(tokenizer, seed, hidden_size).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 
@@ -63,3 +65,9 @@ def tiny_overrides(tmp_path, **extra) -> list[str]:
         **extra,
     }
     return [f"{key}={value}" for key, value in values.items()]
+
+
+def stop_reward(response_text: str, gold: str, *, truncated: bool, response_len: int, budget: int) -> float:
+    """1 for a response that stopped within the budget, 0 for a truncated one: a random model
+    earns it about half the time, so its updates move the weights (`reward.fn` by path)."""
+    return 0.0 if truncated else 1.0

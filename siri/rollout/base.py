@@ -3,7 +3,7 @@
 A rollout engine samples `n` responses for each prompt of a step under that step's length
 budget (`max_tokens`, which the SIRI schedule moves between L_min and L_max). Two engines
 implement it: `HFEngine` (the training model's own `generate`, any device) and `VLLMEngine`
-(a colocated vLLM engine, CUDA only). Both follow the same rules:
+(a colocated vLLM engine, on a CUDA GPU or vLLM's CPU backend). Both follow the same rules:
 
 - Order: `generate` returns `len(prompts) * n` rollouts grouped by prompt, in prompt order
   (the `n` samples of prompt 0, then those of prompt 1, ...).
@@ -214,31 +214,3 @@ class RolloutEngine(abc.ABC):
     def __exit__(self, *exc_info) -> None:
         self.close()
 
-
-def make_engine(cfg: RolloutConfig, *, model, tokenizer, model_path: str, max_budget: int, dtype: str,
-                seed: int) -> RolloutEngine:
-    """The engine `cfg.engine` names.
-
-    `max_budget` is the longest sequence the engine must hold: the longest prompt plus the
-    largest response budget the schedule reaches (vLLM sizes its KV cache and rejects
-    longer requests with it). `model_path` is the Hugging Face directory vLLM loads its own
-    copy from; `dtype` its weight dtype ("bfloat16", ...); `seed` its engine seed. The
-    transformers engine generates with `model` itself and ignores the three; vLLM needs no
-    `model` (None: its EOS ids come from the checkpoint at `model_path`).
-    """
-    if cfg.engine == "hf":
-        from siri.rollout.hf_engine import HFEngine
-
-        if model is None:
-            raise ValueError("rollout.engine 'hf' generates with the training model: pass model=")
-        return HFEngine(model, tokenizer, cfg.generation_batch_size, eos_token_ids(tokenizer, model))
-    if cfg.engine == "vllm":
-        from siri.rollout.vllm_engine import VLLMEngine, import_vllm
-
-        import_vllm()  # a missing vLLM is the first thing to report
-        if not model_path:
-            raise ValueError("rollout.engine 'vllm' loads the model from a directory: set model.path")
-        return VLLMEngine(model_path, max_model_len=max_budget, dtype=dtype,
-                          gpu_memory_utilization=cfg.gpu_memory_utilization, enforce_eager=cfg.enforce_eager,
-                          seed=seed, eos_token_ids=eos_token_ids(tokenizer, model) if model is not None else None)
-    raise ValueError(f"rollout.engine must be one of ['hf', 'vllm'], got {cfg.engine!r}")
