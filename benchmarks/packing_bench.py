@@ -17,10 +17,11 @@ token-mean), one process, the same model and the same samples for every method:
 
 The default packed implementation (`siri.attention.resolve_attn_implementation("auto")`)
 carries `default: true`; its goal is twice the padded tokens/s. tokens_per_s counts real
-tokens (prompt + response of every sample, no padding) over the median time of the whole
-step. On a CPU the model is a toy Qwen2 in float32 (the whole section runs in about a
-minute); on CUDA a Qwen2-1.5B-like body (28 layers, H 1536, V 151,936) with random
-weights in bfloat16.
+tokens (prompt + response of every sample, no padding) over the median wall time of the
+whole step; on a CPU the median process CPU time (`cpu_ms`, `cpu_speedup`) is reported
+too, as a shared machine's load stretches wall times but not the work done. On a CPU the
+model is a toy Qwen2 in float32 (the section runs in about a minute on an idle machine); on
+CUDA a Qwen2-1.5B-like body (28 layers, H 1536, V 151,936) with random weights in bfloat16.
 """
 
 from __future__ import annotations
@@ -162,13 +163,14 @@ def run(device: torch.device, quick: bool) -> list[dict]:
         model.zero_grad(set_to_none=True)
 
     def timed(name):
+        """(wall, process CPU) milliseconds of one step."""
         batches, step, _, _ = methods[name]
         setup(name)
         synchronize(device)
-        begin = time.perf_counter()
+        begin, begin_cpu = time.perf_counter(), time.process_time()
         step(model, batches)
         synchronize(device)
-        return (time.perf_counter() - begin) * 1e3
+        return (time.perf_counter() - begin) * 1e3, (time.process_time() - begin_cpu) * 1e3
 
     for name in methods:  # warm-up (allocator, kernel selection, flex attention's compile)
         timed(name)
@@ -180,7 +182,7 @@ def run(device: torch.device, quick: bool) -> list[dict]:
 
     rows = []
     for name, (batches, step, computed_tokens, attn) in methods.items():
-        ms = statistics.median(times[name])
+        ms = statistics.median(wall for wall, _ in times[name])
         if device.type == "cuda":
             peak_mb = peak_cuda_extra_mb(lambda _: step(model, batches), lambda: setup(name), device)
         else:  # the RSS high-water mark never falls: measure in a fresh process
@@ -190,9 +192,13 @@ def run(device: torch.device, quick: bool) -> list[dict]:
             micro_batches=len(batches), real_tokens=real_tokens, computed_tokens=computed_tokens,
             ms=round(ms, 1), tokens_per_s=round(real_tokens / (ms * 1e-3)), peak_extra_mb=round(peak_mb, 1),
         ))
-    padded_ms = rows[-1]["ms"]
+        if device.type == "cpu":  # CPU time is what a loaded machine's other processes do not inflate
+            rows[-1]["cpu_ms"] = round(statistics.median(cpu for _, cpu in times[name]), 1)
+    padded = rows[-1]
     for row in rows:
-        row["speedup"] = round(padded_ms / row["ms"], 2)
+        row["speedup"] = round(padded["ms"] / row["ms"], 2)
+        if "cpu_ms" in row:
+            row["cpu_speedup"] = round(padded["cpu_ms"] / row["cpu_ms"], 2)
     rows[0]["default"] = True
     return rows
 

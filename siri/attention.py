@@ -112,7 +112,8 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, *, cu_seq_l
 def packed_sdpa_mask(**kwargs):
     """transformers mask function (`AttentionMaskInterface`): no mask where
     `packed_sdpa_attention` keeps the samples apart itself, i.e. N queries over the same N
-    keys with no padding (packed or not); transformers' sdpa mask otherwise.
+    keys of full causal attention with no padding (packed or not); transformers' sdpa mask
+    otherwise.
 
     The keywords differ between transformers versions (`q_length` in 5.x, `cache_position`
     in 4.x) and pass through to the sdpa mask as they came.
@@ -120,9 +121,12 @@ def packed_sdpa_mask(**kwargs):
     from transformers.masking_utils import sdpa_mask
 
     q_length = kwargs["q_length"] if "q_length" in kwargs else kwargs["cache_position"].shape[0]
+    q_offset = kwargs.get("q_offset", 0)
+    # Sliding-window and chunked layers (`local_size`) and overlays on the causal pattern
+    # (`use_vmap`) keep their mask: per-sample causal attention would drop them.
     unmasked = (kwargs.get("attention_mask") is None and kwargs.get("kv_offset", 0) == 0
-                and isinstance(kwargs.get("q_offset", 0), int) and kwargs.get("q_offset", 0) == 0
-                and q_length == kwargs["kv_length"] and not kwargs.get("use_vmap", False))
+                and isinstance(q_offset, int) and q_offset == 0 and q_length == kwargs["kv_length"]
+                and kwargs.get("local_size") is None and not kwargs.get("use_vmap", False))
     return None if unmasked else sdpa_mask(**kwargs)
 
 
