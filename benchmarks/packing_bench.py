@@ -54,7 +54,7 @@ def config(device: torch.device, quick: bool) -> dict:
     model = dict(vocab_size=8192, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, intermediate_size=352)
     return dict(model=model, dtype="float32", num_samples=8 if quick else 16, budget=512,
-                prompt_range=(16, 64), max_tokens=2048, reps=1 if quick else 5)
+                prompt_range=(16, 64), max_tokens=2048, reps=1 if quick else 9)
 
 
 def packed_attentions(device: torch.device) -> list[str]:
