@@ -11,8 +11,8 @@ and attention across samples that the mask throws away. Two implementations avoi
 - "packed_sdpa" (registered here with transformers' attention interfaces): PyTorch's
   `scaled_dot_product_attention` once per sample, causal inside it, over that sample's
   slice of the queries, keys and values. It costs Σ len² per layer instead of N², builds no
-  mask, and runs on any device (on a CPU transformers' "flex_attention" cannot: PyTorch 2.13
-  has no flex-attention backward there). Inputs that are not packed (generation with a
+  mask, and trains on any device (transformers' "flex_attention" cannot on a CPU: PyTorch
+  2.13 has no flex-attention backward there). Inputs that are not packed (generation with a
   cache, left-padded prompts) go through transformers' "sdpa" unchanged, so the same model
   also serves the transformers rollout engine.
 
@@ -49,7 +49,7 @@ def _warn_once(message: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
-def _unpacked_sdpa(module, query, key, value, attention_mask, **kwargs):
+def _transformers_sdpa(module, query, key, value, attention_mask, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
@@ -89,7 +89,7 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, *, cu_seq_l
     transformers' sdpa, given the mask `packed_sdpa_mask` built.
     """
     if attention_mask is not None or query.shape[2] != key.shape[2]:
-        return _unpacked_sdpa(module, query, key, value, attention_mask, position_ids=position_ids,
+        return _transformers_sdpa(module, query, key, value, attention_mask, position_ids=position_ids,
                               sliding_window=sliding_window, **kwargs)
     is_causal = kwargs.get("is_causal")
     if not (getattr(module, "is_causal", True) if is_causal is None else is_causal):
@@ -101,7 +101,7 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, *, cu_seq_l
     rows = []
     for row, bounds in enumerate(_sample_bounds(cu_seq_lens_q, cu_seq_lens_k, position_ids, batch_size, length)):
         pieces = [
-            _unpacked_sdpa(module, query[row:row + 1, :, start:end], key[row:row + 1, :, start:end],
+            _transformers_sdpa(module, query[row:row + 1, :, start:end], key[row:row + 1, :, start:end],
                            value[row:row + 1, :, start:end], None, **kwargs)[0]
             for start, end in zip(bounds[:-1], bounds[1:])
         ]
