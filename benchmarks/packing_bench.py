@@ -2,25 +2,26 @@
 
 Setting: one mini-batch of rollouts with long-tailed lengths (log-normal responses, a few
 truncated at the length budget), the paper's GRPO loss (old log-probs, clip 0.2 / 0.28,
-token-mean), one process, the same model and the same samples for both methods:
+token-mean), one process, the same model and the same samples for every method:
 
-- packed: `siri.packing.pack` into micro-batches of at most `max_tokens` tokens, the body
-  run once per micro-batch, the LM head and loss on the response positions only
-  (`siri.model_forward.packed_policy_loss`);
+- packed-<attention>: `siri.packing.pack` into micro-batches of at most `max_tokens`
+  tokens, the body run once per micro-batch, the LM head and loss on the response
+  positions only (`siri.model_forward.packed_policy_loss`), once per attention
+  implementation: "packed_sdpa" (per-sample SDPA, `siri.attention`), "flash_attention_2"
+  (flash-attn's varlen kernel, where flash-attn is installed on CUDA), "flex_attention"
+  (on CUDA only: PyTorch has no flex-attention backward on a CPU) and "sdpa", which gives a
+  packed micro-batch a dense block-diagonal [N, N] mask and attends over all N² pairs;
 - padded: micro-batches of `max_tokens // longest` samples, every row right-padded to the
   longest sample of the mini-batch (a fixed response length, as verl pads), with an
-  attention mask; the LM head and loss also on the response positions only, so the two
-  differ only in packing vs padding.
+  attention mask ("sdpa"); the LM head and loss also on the response positions only.
 
-tokens_per_s counts real tokens (prompt + response of every sample, no padding) over the
-median time of the whole step. On a CPU the model is a toy Qwen2 in float32 (the whole
-section runs in well under a minute); on CUDA a Qwen2-1.5B-like body (28 layers, H 1536,
-V 151,936) with random weights in bfloat16.
-
-Attention caveat: without flash-attn, "sdpa" gets the packed layout as a dense
-block-diagonal [N, N] mask, so its attention still costs N² per micro-batch instead of the
-Σ len² of flash-attn's varlen kernel; with flash-attn installed (CUDA), the varlen kernel
-is used and packing also saves the cross-sample attention.
+The default packed implementation (`siri.attention.resolve_attn_implementation("auto")`)
+carries `default: true`; its goal is twice the padded tokens/s. tokens_per_s counts real
+tokens (prompt + response of every sample, no padding) over the median wall time of the
+whole step; on a CPU the median process CPU time (`cpu_ms`, `cpu_speedup`) is reported
+too, as a shared machine's load stretches wall times but not the work done. On a CPU the
+model is a toy Qwen2 in float32 (the section runs in about a minute on an idle machine); on
+CUDA a Qwen2-1.5B-like body (28 layers, H 1536, V 151,936) with random weights in bfloat16.
 """
 
 from __future__ import annotations
@@ -35,11 +36,13 @@ import time
 import numpy as np
 import torch
 
+from siri.attention import PACKED_SDPA, flash_attention_available, register_packed_sdpa, resolve_attn_implementation
 from siri.kernels import policy_loss
 from siri.model_forward import packed_policy_loss
 from siri.packing import Sample, pack, unpack
 
 LOSS_KWARGS = dict(clip_low=0.2, clip_high=0.28)
+PADDED_ATTENTION = "sdpa"
 
 
 def config(device: torch.device, quick: bool) -> dict:
@@ -51,25 +54,29 @@ def config(device: torch.device, quick: bool) -> dict:
     model = dict(vocab_size=8192, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, intermediate_size=352)
     return dict(model=model, dtype="float32", num_samples=8 if quick else 16, budget=512,
-                prompt_range=(16, 64), max_tokens=2048, reps=1 if quick else 3)
+                prompt_range=(16, 64), max_tokens=2048, reps=1 if quick else 9)
+
+
+def packed_attentions(device: torch.device) -> list[str]:
+    """The attention implementations the packed step is measured with on `device`, the default first."""
+    found = [PACKED_SDPA, "sdpa"]
+    if device.type == "cuda":
+        found.insert(1, "flex_attention")
+        if flash_attention_available(device):
+            found.insert(0, "flash_attention_2")
+    default = resolve_attn_implementation("auto", device)
+    return [default] + [name for name in found if name != default]
 
 
 def make_model(cfg: dict, device: torch.device):
+    """The benchmark's random Qwen2; each method sets its attention implementation on it."""
     import transformers
 
-    attn = "sdpa"
-    if device.type == "cuda":
-        try:
-            import flash_attn  # noqa: F401
-
-            attn = "flash_attention_2"
-        except ImportError:
-            pass
+    register_packed_sdpa()
     torch.manual_seed(0)
-    model_config = transformers.Qwen2Config(**cfg["model"], attn_implementation=attn)
+    model_config = transformers.Qwen2Config(**cfg["model"], attn_implementation=PADDED_ATTENTION)
     dtype = getattr(torch, cfg["dtype"])
-    model = transformers.Qwen2ForCausalLM(model_config).to(device=device, dtype=dtype).train()
-    return model, attn
+    return transformers.Qwen2ForCausalLM(model_config).to(device=device, dtype=dtype).train()
 
 
 def make_samples(cfg: dict, seed: int = 0) -> list[Sample]:
@@ -132,11 +139,12 @@ def padded_step(model, batches):
 
 
 def prepare(method: str, cfg: dict, samples: list[Sample], device: torch.device):
-    if method == "packed":
-        batches = [b.to(device) for b in pack(samples, cfg["max_tokens"])]
-        return batches, packed_step, sum(b.num_tokens for b in batches)
-    batches = padded_batches(samples, cfg["max_tokens"], device)
-    return batches, padded_step, sum(b["input_ids"].numel() for b in batches)
+    """(batches, step, computed tokens, attention implementation) of `method`: "padded" or "packed-<attention>"."""
+    if method == "padded":
+        batches = padded_batches(samples, cfg["max_tokens"], device)
+        return batches, padded_step, sum(b["input_ids"].numel() for b in batches), PADDED_ATTENTION
+    batches = [b.to(device) for b in pack(samples, cfg["max_tokens"])]
+    return batches, packed_step, sum(b.num_tokens for b in batches), method.removeprefix("packed-")
 
 
 def run(device: torch.device, quick: bool) -> list[dict]:
@@ -144,36 +152,39 @@ def run(device: torch.device, quick: bool) -> list[dict]:
     from benchmarks.timing import peak_cuda_extra_mb, peak_rss_extra_mb_in_child, synchronize
 
     cfg = config(device, quick)
-    model, attn = make_model(cfg, device)
+    model = make_model(cfg, device)
     samples = make_samples(cfg)
     real_tokens = sum(len(s.prompt_ids) + len(s.response_ids) for s in samples)
-    methods = {name: prepare(name, cfg, samples, device) for name in ("packed", "padded")}
+    names = [f"packed-{attn}" for attn in packed_attentions(device)] + ["padded"]
+    methods = {name: prepare(name, cfg, samples, device) for name in names}
 
-    def setup():
+    def setup(name):
+        model.set_attn_implementation(methods[name][3])
         model.zero_grad(set_to_none=True)
 
     def timed(name):
-        batches, step, _ = methods[name]
-        setup()
+        """(wall, process CPU) milliseconds of one step."""
+        batches, step, _, _ = methods[name]
+        setup(name)
         synchronize(device)
-        begin = time.perf_counter()
+        begin, begin_cpu = time.perf_counter(), time.process_time()
         step(model, batches)
         synchronize(device)
-        return (time.perf_counter() - begin) * 1e3
+        return (time.perf_counter() - begin) * 1e3, (time.process_time() - begin_cpu) * 1e3
 
-    for name in methods:  # warm-up (allocator, kernel selection)
+    for name in methods:  # warm-up (allocator, kernel selection, flex attention's compile)
         timed(name)
-    # Interleaved repetitions: a load that comes and goes (a shared machine) hits both alike.
+    # Interleaved repetitions: a load that comes and goes (a shared machine) hits all alike.
     times = {name: [] for name in methods}
     for _ in range(cfg["reps"]):
         for name in methods:
             times[name].append(timed(name))
 
     rows = []
-    for name, (batches, step, computed_tokens) in methods.items():
-        ms = statistics.median(times[name])
+    for name, (batches, step, computed_tokens, attn) in methods.items():
+        ms = statistics.median(wall for wall, _ in times[name])
         if device.type == "cuda":
-            peak_mb = peak_cuda_extra_mb(lambda _: step(model, batches), setup, device)
+            peak_mb = peak_cuda_extra_mb(lambda _: step(model, batches), lambda: setup(name), device)
         else:  # the RSS high-water mark never falls: measure in a fresh process
             peak_mb = peak_rss_extra_mb_in_child("benchmarks.packing_bench", dict(method=name, quick=quick))
         rows.append(dict(
@@ -181,9 +192,14 @@ def run(device: torch.device, quick: bool) -> list[dict]:
             micro_batches=len(batches), real_tokens=real_tokens, computed_tokens=computed_tokens,
             ms=round(ms, 1), tokens_per_s=round(real_tokens / (ms * 1e-3)), peak_extra_mb=round(peak_mb, 1),
         ))
-    packed, padded = rows
-    packed["speedup"] = round(padded["ms"] / packed["ms"], 2)
-    padded["speedup"] = 1.0
+        if device.type == "cpu":  # CPU time is what a loaded machine's other processes do not inflate
+            rows[-1]["cpu_ms"] = round(statistics.median(cpu for _, cpu in times[name]), 1)
+    padded = rows[-1]
+    for row in rows:
+        row["speedup"] = round(padded["ms"] / row["ms"], 2)
+        if "cpu_ms" in row:
+            row["cpu_speedup"] = round(padded["cpu_ms"] / row["cpu_ms"], 2)
+    rows[0]["default"] = True
     return rows
 
 
@@ -197,8 +213,9 @@ def _child(spec: dict) -> None:
 
     device = torch.device("cpu")
     cfg = config(device, spec["quick"])
-    model, _ = make_model(cfg, device)
-    batches, step, _ = prepare(spec["method"], cfg, make_samples(cfg), device)
+    model = make_model(cfg, device)
+    batches, step, _, attn = prepare(spec["method"], cfg, make_samples(cfg), device)
+    model.set_attn_implementation(attn)
     child_peak_report(lambda: None, lambda _: step(model, batches))
 
 

@@ -47,7 +47,8 @@ class ModelConfig:
     path: str = ""  # a local directory with a Hugging Face causal LM (config, weights, tokenizer)
     dtype: str = "bfloat16"  # the forward's (autocast) and the rollout engine's
     param_dtype: str = "float32"  # parameters, gradients and AdamW state (see siri.precision)
-    attn_implementation: str = "sdpa"
+    # "auto": flash_attention_2 where flash-attn is usable, else packed_sdpa (siri.attention)
+    attn_implementation: str = "auto"
     gradient_checkpointing: bool = False
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 
+from siri.attention import warn_if_dense_mask
 from siri.kernels import (
     PolicyLossOutput,
     fused_linear_policy_loss,
@@ -92,9 +93,12 @@ def packed_hidden_states(model, batch: PackedBatch) -> torch.Tensor:
     that wrappers around it (FSDP2 gathers the root's embeddings, norm and head in the
     root's forward) see a normal call, but with `logits_to_keep` an empty index: the head
     scores no position there. The body's output (after the final norm) is taken by a hook
-    on the body (`decoder_body`). `batch` must be on the model's device.
+    on the body (`decoder_body`). `batch` must be on the model's device. Samples never
+    attend to each other; with "packed_sdpa" or "flash_attention_2" (`siri.attention`) no
+    [N, N] mask is built either, with "sdpa" or "eager" it is (a warning says so once).
     """
     _check_batch(batch)
+    warn_if_dense_mask(model)
     body = decoder_body(model)
     captured = {}
 

@@ -10,6 +10,7 @@ import os
 
 import torch
 
+from siri.attention import resolve_attn_implementation
 from siri.errors import UserError
 from siri.precision import TORCH_DTYPES
 
@@ -50,13 +51,17 @@ def load_tokenizer(path: str):
 def load_model(path: str, device: torch.device, dtype: str, *, weights: bool = True,
                attn_implementation: str | None = None, tokenizer=None):
     """(model, tokenizer) of a model directory, the model in eval mode; the model is None
-    without `weights` (vLLM loads its own copy). A `tokenizer` already loaded is reused."""
+    without `weights` (vLLM loads its own copy). A `tokenizer` already loaded is reused.
+    `attn_implementation` as `model.attn_implementation`
+    (`siri.attention.resolve_attn_implementation`); None keeps transformers' default."""
     from transformers import AutoModelForCausalLM
 
     if tokenizer is None:
         tokenizer = load_tokenizer(path)
     if not weights:
         return None, tokenizer
+    if attn_implementation is not None:
+        attn_implementation = resolve_attn_implementation(attn_implementation, device)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=TORCH_DTYPES[dtype],
                                                      attn_implementation=attn_implementation)

@@ -142,8 +142,9 @@ class PackedBatch:
         - ``cu_seq_lens_q`` / ``cu_seq_lens_k``: the sample boundaries of queries and keys
           (int32, flash-attn's ``cu_seqlens_q`` / ``cu_seqlens_k``). With them the flash
           attention implementations call the varlen kernel directly, instead of
-          re-deriving the boundaries from ``position_ids`` on every layer; "sdpa" and
-          "eager" ignore them.
+          re-deriving the boundaries from ``position_ids`` on every layer, and
+          "packed_sdpa" (``siri.attention``) attends within each sample, with no mask;
+          "sdpa" and "eager" ignore them.
         - ``max_length_q`` / ``max_length_k``: the longest sample (flash-attn's
           ``max_seqlen_q`` / ``max_seqlen_k``) as a Python int, so no layer reads it back
           from the device.

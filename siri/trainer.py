@@ -29,6 +29,7 @@ import torch
 
 from siri import distributed
 from siri.advantages import compute_advantages, dynamic_sampling_mask
+from siri.attention import use_packed_attention
 from siri.checkpoint import (
     CHECKPOINTS_DIR,
     list_checkpoints,
@@ -107,6 +108,8 @@ class Trainer:
 
         self.tokenizer = tokenizer
         self.model = model.to(self.device)
+        # A given model too: its packed micro-batches must not get a dense [N, N] mask.
+        use_packed_attention(self.model, cfg.model.attn_implementation, self.device)
         # A given model keeps its own dtype; autocast engages when it differs from model.dtype.
         self.compute = compute_context(self.device, TORCH_DTYPES[cfg.model.dtype], parameter_dtype(self.model))
         if cfg.model.gradient_checkpointing:

@@ -2,9 +2,12 @@
 each sample alone: same log-probs, and for every loss_agg the same mini-batch loss and
 parameter gradients as a plain per-sample reference written here.
 
-The model is Qwen2 at toy size in float32 and eval mode (no dropout), under "sdpa" and
-"eager": both get their sample isolation from transformers' packed-sequence detection
-(position_ids restarting at 0, no attention mask, no cache).
+The models are Qwen2 and Llama at toy size in float32 and eval mode (no dropout), under
+each attention implementation present: "packed_sdpa" (siri.attention: per-sample SDPA from
+the batch's cu_seq_lens, no mask), "sdpa" and "eager" (transformers' packed-sequence
+detection from position_ids restarting at 0, with a dense block-diagonal mask),
+"flash_attention_2" where flash-attn and a GPU are, and "flex_attention" for the forward
+(PyTorch has no flex-attention backward on a CPU).
 """
 
 import numpy as np
@@ -13,6 +16,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from siri.attention import PACKED_SDPA, flash_attention_available, register_packed_sdpa
 from siri.distributed import _decoder_layers
 from siri.model_forward import (
     decoder_body,
@@ -24,31 +28,44 @@ from siri.model_forward import (
 from siri.packing import LOSS_AGGS, Sample, pack, unpack
 
 VOCAB = 131  # odd on purpose: no power-of-two block sizes line up with it
-ATTN_IMPLEMENTATIONS = ["sdpa", "eager"]
+ARCHITECTURES = {
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+}
+ATTN_IMPLEMENTATIONS = [PACKED_SDPA, "sdpa", "eager"]
 LOSS_KWARGS = dict(clip_low=0.2, clip_high=0.28, kl_coef=0.05, kl_estimator="k3")
 L_NORM = 32
 
 # (prompt, response, truncated). A one-token response, a one-token prompt, an empty
 # response (scores nothing), a truncated one, and lengths that force several micro-batches.
 SPECS = [(5, 9, False), (3, 1, False), (1, 6, False), (4, 0, False), (6, 14, True), (2, 3, False),
-         (7, 11, False), (3, 5, False)]
+         (7, 11, False), (3, 5, False), (1, 1, False)]
 MAX_TOKENS = 24
 
 
-def make_model(attn_implementation):
+def make_model(attn_implementation, architecture="qwen2"):
+    register_packed_sdpa()
+    config_class, model_class = ARCHITECTURES[architecture]
     torch.manual_seed(0)
-    config = transformers.Qwen2Config(
+    config = config_class(
         vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         intermediate_size=128, attn_implementation=attn_implementation,
     )
-    model = transformers.Qwen2ForCausalLM(config).to(torch.float32).eval()
+    model = model_class(config).to(torch.float32).eval()
     assert model.config._attn_implementation == attn_implementation
     return model
 
 
-@pytest.fixture(scope="module", params=ATTN_IMPLEMENTATIONS)
+@pytest.fixture(scope="module", params=[(arch, attn) for arch in ARCHITECTURES for attn in ATTN_IMPLEMENTATIONS],
+                ids=lambda p: "-".join(p))
 def model(request):
-    return make_model(request.param)
+    architecture, attn = request.param
+    return make_model(attn, architecture)
+
+
+@pytest.fixture(scope="module")
+def qwen2():
+    return make_model(PACKED_SDPA)
 
 
 def make_samples(seed=0):
@@ -113,6 +130,38 @@ def test_packed_logprobs_equal_each_sample_alone(model):
             torch.testing.assert_close(got, alone_logprobs(model, sample), rtol=1e-5, atol=1e-5)
 
 
+def test_flex_attention_logprobs_equal_each_sample_alone():
+    # Forward only, in one micro-batch (each new length compiles flex attention for about
+    # 20 s on a CPU); PyTorch has no flex-attention backward on a CPU, so no training there.
+    model = make_model("flex_attention")
+    samples = make_samples()
+    (batch,) = pack(samples, 1000)
+    with torch.no_grad():
+        packed = unpack([packed_logprobs(model, batch)], [batch])
+        for sample, got in zip(samples, packed):
+            torch.testing.assert_close(got, alone_logprobs(model, sample), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not flash_attention_available(torch.device("cuda")), reason="needs flash-attn")
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_flash_attention_varlen_equals_packed_sdpa(architecture):
+    # flash-attn runs in bfloat16 only: its packed loss and gradients against packed_sdpa's
+    # on the same model and batches, at bfloat16's tolerance.
+    samples = make_samples(seed=3)
+    batches = [b.to("cuda") for b in pack(samples, MAX_TOKENS)]
+    results = []
+    for attn in ("flash_attention_2", PACKED_SDPA):
+        model = make_model(attn, architecture).to(device="cuda", dtype=torch.bfloat16)
+        total = sum(packed_policy_loss(model, batch, **LOSS_KWARGS).loss for batch in batches)
+        total.backward()
+        results.append((total.detach().float(), gradients(model)))
+    (loss, grads), (expected, expected_grads) = results
+    torch.testing.assert_close(loss, expected, rtol=2e-2, atol=2e-3)
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(grads[name].float(), grad.float(), rtol=5e-2, atol=5e-3, msg=name)
+
+
 def test_attention_does_not_cross_samples(model):
     # Changing every token of sample 0 leaves the hidden states of the others bit for bit.
     samples = make_samples()[:3]
@@ -164,7 +213,8 @@ def test_loss_and_gradients_equal_the_unpacked_mini_batch(model, loss_agg, mask_
     model.zero_grad(set_to_none=True)
 
 
-def test_loss_keywords_from_the_batch_are_refused(model):
+def test_loss_keywords_from_the_batch_are_refused(qwen2):
+    model = qwen2
     (batch,) = pack(make_samples()[:2], 100)
     with pytest.raises(ValueError, match="loss_kwargs"):
         packed_policy_loss(model, batch, weights=torch.ones(batch.num_scored))
@@ -172,7 +222,8 @@ def test_loss_keywords_from_the_batch_are_refused(model):
         packed_policy_loss(model, {"input_ids": batch.input_ids})
 
 
-def test_the_body_is_found_where_get_decoder_gives_none(model, monkeypatch):
+def test_the_body_is_found_where_get_decoder_gives_none(qwen2, monkeypatch):
+    model = qwen2
     # transformers 4.x's generic get_decoder() returns None for Qwen2 and Llama (the
     # versions vLLM 0.10 and 0.11 pin); the body then comes from base_model.
     (batch,) = pack(make_samples()[:3], 100)
@@ -198,7 +249,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
     batches = pack(samples, MAX_TOKENS)
     results = []
     for checkpointing in (False, True):
-        model = make_model("sdpa").train()  # train mode: transformers checkpoints only then
+        model = make_model(PACKED_SDPA).train()  # train mode: transformers checkpoints only then
         if checkpointing:
             enable_activation_checkpointing(model)
         assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules()) == checkpointing
