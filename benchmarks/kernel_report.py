@@ -44,7 +44,7 @@ import triton  # noqa: E402
 
 from siri.kernels.triton_backend import rows_in_flight_on  # noqa: E402
 from siri.kernels.triton_compile import Variant, compile_variant  # noqa: E402
-from siri.kernels.triton_launches import LAUNCHES, LOGITS, TARGETS  # noqa: E402
+from siri.kernels.triton_launches import LAUNCHES, LOGITS, POLICY_LOSS, TARGETS  # noqa: E402
 
 ITEMSIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
 # (name, SMs, L2 bytes) of the GPUs the L2 residency of re-read rows is shown for.
@@ -65,8 +65,7 @@ def cuda_tool(name: str) -> str:
 
 # The flag sets each kernel is reported at: GRPO's (old log-probs, the gradient), every
 # switch on, and the forward alone; the token_logprobs kernels with the entropy.
-_GRPO = dict(HAS_OLD=True, HAS_REF=False, KL_ESTIMATOR=3, HAS_DUAL_CLIP=False, HAS_TIS=False,
-             HAS_ENTROPY_GRAD=False, COMPUTE_GRAD=True)
+_GRPO = POLICY_LOSS.typical[0]
 REPORTED = {
     "policy_loss_kernel": {
         "grpo": _GRPO,

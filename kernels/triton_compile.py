@@ -88,11 +88,13 @@ class Compiled:
 
 
 def switch_settings(launch: Launch) -> list[dict]:
-    """All off, all on, and each switch alone on each of its non-off values."""
+    """All off, all on, each switch alone on each of its non-off values, and the launch's
+    typical settings."""
     off = {name: values[0] for name, values in launch.switches.items()}
     settings = [off, {name: values[-1] for name, values in launch.switches.items()}]
     for name, values in launch.switches.items():
         settings += [dict(off, **{name: value}) for value in values[1:]]
+    settings += [dict(typical) for typical in launch.typical]
     unique = []
     for setting in settings:
         if setting not in unique:

@@ -45,6 +45,8 @@ class Launch:
         meaning "off" first.
     tiling: vocabulary -> (the size constexprs, num_warps); the compile check uses the same.
     options: Triton compile options of every launch (and of the offline compile).
+    typical: switch settings the trainer launches most, compiled by the check beside the
+        all-off / all-on / one-on ones (a combination those miss can spill on its own).
     """
 
     name: str
@@ -53,6 +55,7 @@ class Launch:
     switches: dict[str, tuple]
     tiling: Callable[[int], tuple[dict[str, int], int]] = block_along_vocab
     options: dict = field(default_factory=dict)
+    typical: tuple = ()
 
     def __call__(self, grid, vocab: int, *args, **switches) -> None:
         if switches.keys() != self.switches.keys():
@@ -69,10 +72,13 @@ class Launch:
 
 _F32 = "*fp32"
 _OFF_ON = (False, True)
-# No implicit FMA in the logits kernels: fused, x * inv_temperature - m is formed from the
+# The logits kernels' compile options. No implicit FMA: fused, x * inv_temperature - m is formed from the
 # unrounded product while the row's max m and lse come from rounded ones, which gave the
 # argmax a positive log-prob of the order of ulp(m) on sm_90 (it grows as 1 / temperature).
-_NO_FP_FUSION = dict(enable_fp_fusion=False)
+# And a register budget of 128: at 16 warps that is the whole register file of one CTA, the
+# one CTA per SM the persistent grid runs; left to itself, ptxas for sm_80 capped the GRPO
+# variant at 64 registers and spilled.
+_LOGITS_OPTIONS = dict(enable_fp_fusion=False, maxnreg=128)
 
 POLICY_LOSS = Launch(
     "policy_loss_kernel",
@@ -89,7 +95,10 @@ POLICY_LOSS = Launch(
         HAS_OLD=_OFF_ON, HAS_REF=_OFF_ON, KL_ESTIMATOR=(3, 1, 2), HAS_DUAL_CLIP=_OFF_ON, HAS_TIS=_OFF_ON,
         HAS_ENTROPY_GRAD=_OFF_ON, COMPUTE_GRAD=_OFF_ON,
     ),
-    options=_NO_FP_FUSION,
+    options=_LOGITS_OPTIONS,
+    # GRPO's update with several mini-batches: old log-probs and the gradient.
+    typical=(dict(HAS_OLD=True, HAS_REF=False, KL_ESTIMATOR=3, HAS_DUAL_CLIP=False, HAS_TIS=False,
+                  HAS_ENTROPY_GRAD=False, COMPUTE_GRAD=True),),
 )
 
 LOGPROB = Launch(
@@ -100,7 +109,7 @@ LOGPROB = Launch(
         lse_ptr=_F32, num_rows="i32", V="i32", scale="fp32",
     ),
     switches=dict(WITH_ENTROPY=_OFF_ON),
-    options=_NO_FP_FUSION,
+    options=_LOGITS_OPTIONS,
 )
 
 LOGPROB_BACKWARD = Launch(
@@ -112,7 +121,7 @@ LOGPROB_BACKWARD = Launch(
         num_rows="i32", V="i32", scale="fp32", inv_temperature="fp32",
     ),
     switches=dict(HAS_GRAD_ENTROPY=_OFF_ON),
-    options=_NO_FP_FUSION,
+    options=_LOGITS_OPTIONS,
 )
 
 # The gradient it scales has the logits' dtype (or, in fused_linear, hidden's and weight's).
