@@ -11,6 +11,7 @@ from datasets import Dataset  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from siri.integrations.trl import SiriGRPOTrainer, trl_loss_weights  # noqa: E402
+from readme_snippet import run_snippet  # noqa: E402
 from trainer_fixtures import save_model_dir  # noqa: E402
 
 TEMPERATURE = 0.7
@@ -182,3 +183,8 @@ def test_training_steps_change_the_model(model_dir, tmp_path, loss_type, beta, e
     assert all(key in logged[-1] for key in ("entropy", "clip_ratio/region_mean"))
     if beta:
         assert "kl" in logged[-1]
+
+
+def test_readme_snippet_runs(tmp_path):
+    result = run_snippet("### From TRL", tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]

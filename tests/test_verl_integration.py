@@ -21,6 +21,7 @@ from verl.workers.utils.losses import ppo_loss  # noqa: E402
 from verl.workers.utils.padding import left_right_2_no_padding  # noqa: E402
 
 from siri.integrations.verl import LOSS_AGG_MODES, unsupported_settings, verl_loss_weights  # noqa: E402
+from readme_snippet import run_snippet  # noqa: E402
 from trainer_fixtures import save_model_dir  # noqa: E402
 
 TEMPERATURE = 0.8
@@ -215,3 +216,9 @@ def test_register_engine_makes_verl_build_siri_engine():
     finally:
         for backend, entries in saved.items():
             engines[backend] = entries
+
+
+def test_readme_snippet_runs(tmp_path):
+    result = run_snippet("### From verl", tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "tensor(" in result.stdout
