@@ -8,7 +8,14 @@ Methods, all measured in the same process:
   its default out-of-place gradient (`inplace_backward=True` would reuse the logits'
   buffer, about one [T, V] less: not measured here);
 - naive: the same in plain PyTorch (matmul, log_softmax, gather, loss, autograd);
-- compile: `torch.compile` of naive.
+- compile: `torch.compile` of naive;
+- trl-chunked: TRL 1.16's chunked log-prob head (`trl.kernels.ChunkedLogProbFunction`, what
+  its GRPOTrainer scores with), then the same loss from its log-probs, as TRL builds it;
+- verl-fused-torch: verl 0.9's fused head (`FusedLinearForPPO`, its torch implementation:
+  verl's Triton one needs a GPU), then the same loss.
+Forward only (`-fwd`, scoring old or reference log-probs under no_grad, one GEMM of
+2 * T * H * V flops as the floor): siri's `fused_linear_token_logprobs` with entropy against
+the two peer heads. A peer's rows appear when its package is installed.
 
 Floor: three GEMMs (logits, grad of hidden, grad of weight), 6 * T * H * V flops over the
 bf16 (GPU) or float32 (CPU) matmul rate measured in this run (the vocabulary split's own
@@ -20,11 +27,13 @@ the peak beyond the inputs, `overhead_mb` that less the gradients of hidden and 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 
 import torch
 
-from siri.kernels import fused_linear_policy_loss, policy_loss
+from siri.kernels import fused_linear_policy_loss, fused_linear_token_logprobs, policy_loss
+from siri.kernels.reference import per_token_loss
 
 from .policy_loss_bench import GRPO, eager_loss
 from .timing import child_peak_report, compiled_on_first_call, median_ms, peak_cuda_extra_mb, peak_rss_extra_mb_in_child
@@ -58,15 +67,59 @@ def naive_loss(hidden, weight, targets, advantages, weights, old):
 compiled_naive_loss = compiled_on_first_call(naive_loss)
 
 
-METHODS = {
-    "siri-fused": lambda h, w, *a: fused_linear_policy_loss(h, w, *a[:3], old_logprobs=a[3], clip_low=GRPO.clip_low,
-                                                            clip_high=GRPO.clip_high).loss,
-    "siri-fused-chunks": lambda h, w, *a: fused_linear_policy_loss(
-        h, w, *a[:3], old_logprobs=a[3], clip_low=GRPO.clip_low, clip_high=GRPO.clip_high, chunk_size=1024).loss,
-    "siri-logits": lambda h, w, *a: policy_loss(h @ w.t(), *a[:3], old_logprobs=a[3]).loss,
-    "naive": naive_loss,
-    "compile": compiled_naive_loss,
+def logprob_loss(logp, entropy, advantages, weights, old):
+    """The loss a trainer builds from a head's per-token log-probs (entropy for logging only)."""
+    loss_t, _, _, _ = per_token_loss(logp, entropy.detach(), advantages, old, None, None, GRPO)
+    return (weights * loss_t).sum()
+
+
+def trl_head(hidden, weight, targets):
+    from trl.kernels import ChunkedLogProbFunction
+    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
+
+    logp, entropy, *_ = ChunkedLogProbFunction.apply(
+        hidden, weight, None, targets, 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, ("log_probs", "entropy")
+    )
+    return logp, entropy
+
+
+def verl_head(hidden, weight, targets):
+    from verl.utils.experimental.torch_functional import FusedLinearForPPO
+
+    return FusedLinearForPPO()(hidden, weight, targets)
+
+
+def siri_head(hidden, weight, targets):
+    return fused_linear_token_logprobs(hidden, weight, targets, return_entropy=True)
+
+
+# name -> (head, package it needs)
+HEADS = {
+    "trl-chunked": (trl_head, "trl"),
+    "verl-fused-torch": (verl_head, "verl"),
+    "siri-token-logprobs": (siri_head, None),
 }
+
+
+def methods() -> dict:
+    """name -> (function of (hidden, weight, targets, advantages, weights, old), with backward?)."""
+    found = {
+        "siri-fused": (lambda h, w, *a: fused_linear_policy_loss(
+            h, w, *a[:3], old_logprobs=a[3], clip_low=GRPO.clip_low, clip_high=GRPO.clip_high).loss, True),
+        "siri-fused-chunks": (lambda h, w, *a: fused_linear_policy_loss(
+            h, w, *a[:3], old_logprobs=a[3], clip_low=GRPO.clip_low, clip_high=GRPO.clip_high,
+            chunk_size=1024).loss, True),
+        "siri-logits": (lambda h, w, *a: policy_loss(h @ w.t(), *a[:3], old_logprobs=a[3]).loss, True),
+        "naive": (naive_loss, True),
+        "compile": (compiled_naive_loss, True),
+    }
+    for name, (head, package) in HEADS.items():
+        if package is not None and importlib.util.find_spec(package) is None:
+            continue
+        if package is not None:  # siri's own head is forward-only
+            found[name] = ((lambda f: lambda h, w, t, *a: logprob_loss(*f(h, w, t), *a))(head), True)
+        found[f"{name}-fwd"] = ((lambda f: lambda h, w, t, *a: f(h, w, t))(head), False)
+    return found
 
 
 def matmul_tflops(device: torch.device, dtype: torch.dtype, m: int, k: int, n: int) -> float:
@@ -76,9 +129,10 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype, m: int, k: int, n: i
     return 2 * m * k * n / (ms * 1e-3) / 1e12
 
 
-def _step(loss_fn, inputs):
+def _step(method, inputs):
+    loss_fn, backward = method
     hidden, weight, *rest = inputs
-    leaves = (hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True))
+    leaves = (hidden.clone().requires_grad_(backward), weight.clone().requires_grad_(backward))
 
     def setup():
         for leaf in leaves:
@@ -86,7 +140,11 @@ def _step(loss_fn, inputs):
         return leaves
 
     def run(prepared):
-        loss_fn(*prepared, *rest).backward()
+        if backward:
+            loss_fn(*prepared, *rest).backward()
+        else:
+            with torch.no_grad():
+                loss_fn(*prepared, *rest)
 
     return setup, run
 
@@ -104,18 +162,22 @@ def measure(device: torch.device, quick: bool, copy_gbs: float) -> list[dict]:
         # Gradients of hidden and weight are outputs, not overhead: subtract their size.
         grads_mb = (num_rows + vocab) * hidden_size * dtype.itemsize / 2**20
         inputs = make_inputs(num_rows, hidden_size, vocab, dtype, device)
-        for name, loss_fn in METHODS.items():
-            setup, run = _step(loss_fn, inputs)
+        for name, method in methods().items():
+            setup, run = _step(method, inputs)
+            # Forward only: one GEMM; with backward, three.
+            method_flops = flops if method[1] else flops // 3
+            method_floor_ms = floor_ms if method[1] else floor_ms / 3
             ms = median_ms(run, setup, device, min_reps=3, budget_s=1.0 if quick else 3.0)
             if device.type == "cuda":
                 peak_mb = peak_cuda_extra_mb(run, setup, device)
             else:
                 spec = dict(method=name, num_rows=num_rows, hidden_size=hidden_size, vocab=vocab, dtype=dtype_name)
                 peak_mb = peak_rss_extra_mb_in_child("benchmarks.fused_linear_bench", spec)
-            overhead_mb = max(0.0, peak_mb - grads_mb)
+            overhead_mb = max(0.0, peak_mb - (grads_mb if method[1] else 0.0))
             rows.append(dict(
                 section="fused_linear", method=name, T=num_rows, H=hidden_size, V=vocab, dtype=dtype_name,
-                ms=round(ms, 2), tflops=round(flops / (ms * 1e-3) / 1e12, 2), floor_fraction=round(floor_ms / ms, 3),
+                ms=round(ms, 2), tflops=round(method_flops / (ms * 1e-3) / 1e12, 2),
+                floor_fraction=round(method_floor_ms / ms, 3), backward=method[1],
                 peak_extra_mb=round(peak_mb, 1), overhead_mb=round(overhead_mb, 1),
                 overhead_vs_logits=round(overhead_mb / logits_mb, 4),
                 matmul_tflops=round(rate, 2), logits_mb=round(logits_mb, 1),
@@ -131,7 +193,7 @@ def measure(device: torch.device, quick: bool, copy_gbs: float) -> list[dict]:
 def _child(spec: dict) -> None:
     device = torch.device("cpu")
     inputs = make_inputs(spec["num_rows"], spec["hidden_size"], spec["vocab"], DTYPES[spec["dtype"]], device)
-    child_peak_report(*_step(METHODS[spec["method"]], inputs))
+    child_peak_report(*_step(methods()[spec["method"]], inputs))
 
 
 if __name__ == "__main__":
