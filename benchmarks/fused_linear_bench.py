@@ -13,9 +13,11 @@ Methods, all measured in the same process:
   its GRPOTrainer scores with), then the same loss from its log-probs, as TRL builds it;
 - verl-fused-torch: verl 0.9's fused head (`FusedLinearForPPO`, its torch implementation:
   verl's Triton one needs a GPU), then the same loss.
+- siri-token-logprobs: `fused_linear_token_logprobs` with entropy, the same head call as the
+  two peers' (its backward forms the logits again), then the same loss.
 Forward only (`-fwd`, scoring old or reference log-probs under no_grad, one GEMM of
-2 * T * H * V flops as the floor): siri's `fused_linear_token_logprobs` with entropy against
-the two peer heads. A peer's rows appear when its package is installed.
+2 * T * H * V flops as the floor): the three heads. A peer's rows appear when its package
+is installed.
 
 Floor: three GEMMs (logits, grad of hidden, grad of weight), 6 * T * H * V flops over the
 bf16 (GPU) or float32 (CPU) matmul rate measured in this run (the vocabulary split's own
@@ -116,8 +118,7 @@ def methods() -> dict:
     for name, (head, package) in HEADS.items():
         if package is not None and importlib.util.find_spec(package) is None:
             continue
-        if package is not None:  # siri's own head is forward-only
-            found[name] = ((lambda f: lambda h, w, t, *a: logprob_loss(*f(h, w, t), *a))(head), True)
+        found[name] = ((lambda f: lambda h, w, t, *a: logprob_loss(*f(h, w, t), *a))(head), True)
         found[f"{name}-fwd"] = ((lambda f: lambda h, w, t, *a: f(h, w, t))(head), False)
     return found
 
