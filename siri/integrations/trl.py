@@ -10,8 +10,7 @@ the clipped policy loss in one fused pass that also forms the gradients, so neit
 
 The loss is TRL's own, term by term: each `loss_type`'s normalisation becomes the
 per-token `weights` of `fused_linear_policy_loss` (`trl_loss_weights`), `beta` the k3 KL
-coefficient (times the importance ratio, the kernel's "k3_ratio", with TRL's default
-`use_bias_correction_kl`), `delta` (two-sided clipping) the dual clip, vLLM's importance-sampling
+coefficient, `delta` (two-sided clipping) the dual clip, vLLM's importance-sampling
 ratio a positive scale of the advantages (the clipped surrogate is homogeneous in A),
 and the entropy bonus, a per-micro-batch token mean in TRL whatever the loss type, its
 own token weights. A TRL setting this cannot reproduce is refused when the trainer is
@@ -103,6 +102,11 @@ def unsupported_settings(args) -> list[str]:
     if args.importance_sampling_level != "token":
         problems.append(
             f"importance_sampling_level={args.importance_sampling_level!r}: the kernel's ratio is per token"
+        )
+    if args.beta != 0.0 and args.use_bias_correction_kl:
+        problems.append(
+            "use_bias_correction_kl=True with beta != 0: the KL term times the importance ratio is not a kernel "
+            "option; set use_bias_correction_kl=False"
         )
     if not 0 <= args.epsilon < 1:
         problems.append(f"epsilon={args.epsilon!r}: the lower clip must be in [0, 1)")
@@ -220,7 +224,6 @@ class SiriGRPOTrainer(GRPOTrainer):
             mask, accumulation_steps=self.current_gradient_accumulation_steps, training=training
         )[selected]
 
-        kl_estimator = "k3_ratio" if self.args.use_bias_correction_kl else "k3"
         loss_kwargs = dict(
             bias=bias, old_logprobs=old, temperature=self.temperature, clip_low=self.epsilon_low,
             clip_high=self.epsilon_high, dual_clip=self.args.delta, backend=self.siri_backend,
@@ -230,8 +233,7 @@ class SiriGRPOTrainer(GRPOTrainer):
         with torch.autocast(hidden.device.type, enabled=False):
             if entropy_coef == 0.0:
                 out = fused_linear_policy_loss(
-                    hidden, weight, targets, advantages, weights, ref_logprobs=ref, kl_coef=self.beta,
-                    kl_estimator=kl_estimator, **loss_kwargs,
+                    hidden, weight, targets, advantages, weights, ref_logprobs=ref, kl_coef=self.beta, **loss_kwargs
                 )
                 loss = out.loss
             elif self.beta == 0.0 or self.loss_type == "bnpo":
@@ -239,15 +241,13 @@ class SiriGRPOTrainer(GRPOTrainer):
                 # with beta != 0 the KL term needs w == e, which holds for bnpo only.
                 out = fused_linear_policy_loss(
                     hidden, weight, targets, advantages * (weights / entropy_weights), entropy_weights,
-                    ref_logprobs=ref, kl_coef=self.beta, kl_estimator=kl_estimator, entropy_coef=entropy_coef,
-                    **loss_kwargs,
+                    ref_logprobs=ref, kl_coef=self.beta, entropy_coef=entropy_coef, **loss_kwargs,
                 )
                 loss = out.loss
             else:
                 # Two passes: the surrogate and KL with the loss type's weights, the bonus with its own.
                 out = fused_linear_policy_loss(
-                    hidden, weight, targets, advantages, weights, ref_logprobs=ref, kl_coef=self.beta,
-                    kl_estimator=kl_estimator, **loss_kwargs,
+                    hidden, weight, targets, advantages, weights, ref_logprobs=ref, kl_coef=self.beta, **loss_kwargs
                 )
                 bonus = fused_linear_policy_loss(
                     hidden, weight, targets, torch.zeros_like(advantages), entropy_weights,
@@ -278,12 +278,11 @@ class SiriGRPOTrainer(GRPOTrainer):
             self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy_loss).nanmean().item())
             if mode == "train" and self.accelerator.sync_gradients:
                 self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
-        ratio = torch.ones_like(logprobs) if old is None else torch.exp(logprobs - old)
         if ref is not None:
             d = ref - logprobs
-            kl = torch.exp(d) - d - 1
-            self._metrics[mode]["kl"].append(global_masked_mean(kl * ratio if self.args.use_bias_correction_kl else kl))
+            self._metrics[mode]["kl"].append(global_masked_mean(torch.exp(d) - d - 1))
         self._metrics[mode]["entropy"].append(global_masked_mean(entropy))
+        ratio = torch.ones_like(logprobs) if old is None else torch.exp(logprobs - old)
         low = ((ratio < 1 - self.epsilon_low) & (advantages < 0)).float()
         high = ((ratio > 1 + self.epsilon_high) & (advantages > 0)).float()
         self._metrics[mode]["clip_ratio/low_mean"].append(global_masked_mean(low))
