@@ -134,6 +134,9 @@ setup(
         "triton": ["triton>=3.2"],
         "test": ["pytest>=8", "hypothesis>=6", "triton>=3.2", "matplotlib", "pyarrow", "tensorboard", "wandb"],
         "vllm": ["vllm>=0.10.2"],
+        # siri.integrations: each peer's loss is reproduced for its tested minor version.
+        "trl": ["trl>=1.16,<1.17"],
+        "verl": ["verl>=0.9,<0.10"],
         "dev": ["pytest>=8", "hypothesis>=6", "triton>=3.2", "matplotlib", "pyarrow", "tensorboard", "wandb", "ruff"],
     },
     entry_points={"console_scripts": ["siri=siri.cli:main"]},

@@ -13,6 +13,15 @@ Methods, all measured in the same process:
 - peers (benchmarks/peers.py, when installed): Liger-Kernel's `LigerFusedLinearGRPOLoss`
   (the same loss, chunked over sequences, torch.compile'd) and Cut Cross-Entropy's
   `linear_cross_entropy` (cross-entropy, not the same loss: the same GEMMs).
+- trl-chunked: TRL 1.16's chunked log-prob head (`trl.kernels.ChunkedLogProbFunction`, what
+  its GRPOTrainer scores with), then the same loss from its log-probs, as TRL builds it;
+- verl-fused-torch: verl 0.9's fused head (`FusedLinearForPPO`, its torch implementation:
+  verl's Triton one needs a GPU), then the same loss.
+- siri-token-logprobs: `fused_linear_token_logprobs` with entropy, the same head call as the
+  two peers' (its backward forms the logits again), then the same loss.
+Forward only (`-fwd`, scoring old or reference log-probs under no_grad, one GEMM of
+2 * T * H * V flops as the floor): the three heads. A peer's rows appear when its package
+is installed.
 
 Floor: three GEMMs (logits, grad of hidden, grad of weight), 6 * T * H * V flops over the
 bf16 (GPU) or float32 (CPU) matmul rate measured in this run (the vocabulary split's own
@@ -28,7 +37,8 @@ import json
 
 import torch
 
-from siri.kernels import fused_linear_policy_loss, policy_loss
+from siri.kernels import fused_linear_policy_loss, fused_linear_token_logprobs, policy_loss
+from siri.kernels.reference import per_token_loss
 
 from . import peers
 from .policy_loss_bench import GRPO, Method, eager_loss, without_validation
@@ -68,6 +78,55 @@ def naive_loss(hidden, weight, targets, advantages, weights, old):
 
 
 compiled_naive_loss = compiled_on_first_call(naive_loss)
+
+
+def logprob_loss(logp, entropy, advantages, weights, old):
+    """The loss a trainer builds from a head's per-token log-probs (entropy for logging only)."""
+    loss_t, _, _, _ = per_token_loss(logp, entropy.detach(), advantages, old, None, None, GRPO)
+    return (weights * loss_t).sum()
+
+
+def trl_head(hidden, weight, targets):
+    from trl.kernels import ChunkedLogProbFunction
+    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
+
+    logp, entropy, *_ = ChunkedLogProbFunction.apply(
+        hidden, weight, None, targets, 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, ("log_probs", "entropy")
+    )
+    return logp, entropy
+
+
+def verl_head(hidden, weight, targets):
+    from verl.utils.experimental.torch_functional import FusedLinearForPPO
+
+    return FusedLinearForPPO()(hidden, weight, targets)
+
+
+def siri_head(hidden, weight, targets):
+    return fused_linear_token_logprobs(hidden, weight, targets, return_entropy=True)
+
+
+# name -> (head, the distribution it needs)
+HEADS = {
+    "trl-chunked": (trl_head, "trl"),
+    "verl-fused-torch": (verl_head, "verl"),
+    "siri-token-logprobs": (siri_head, None),
+}
+
+
+def _head_forward(head):
+    """make() of a head scoring log-probs under no_grad (old or reference log-probs)."""
+
+    def make(inputs):
+        hidden, weight, targets, *_ = inputs
+
+        def run(_):
+            with torch.no_grad():
+                head(hidden, weight, targets)
+
+        return (lambda: None), run
+
+    return make
 
 
 def siri_fused_loss(h, w, *a):
@@ -127,6 +186,14 @@ def methods() -> dict[str, Method]:
     if cce is not None:
         found["cce-linear-cross-entropy"] = Method(_loss_step(cce_linear_cross_entropy), peer=cce,
                                                    computes="cross-entropy")
+    for name, (head, distribution) in HEADS.items():
+        peer = None if distribution is None else peers.version(distribution)
+        if distribution is not None and peer is None:
+            continue
+        found[name] = Method(_loss_step((lambda f: lambda h, w, t, *a: logprob_loss(*f(h, w, t), *a))(head)),
+                             peer=peer)
+        found[f"{name}-fwd"] = Method(_head_forward(head), peer=peer, computes="log-probs, forward only",
+                                      flops_per_thv=2)
     return found
 
 
@@ -173,8 +240,10 @@ def measure(device: torch.device, quick: bool, copy_gbs: float):
             def figures(name=name, method=method):
                 setup, run = method.make(inputs)
                 ms = median_ms(run, setup, device, min_reps=3, budget_s=1.0 if quick else 3.0)
-                found = dict(ms=round(ms, 2), tflops=round(flops / (ms * 1e-3) / 1e12, 2),
-                             floor_fraction=round(floor_ms / ms, 3),
+                # Forward only: one GEMM (2 * T * H * V); with the backward, three.
+                share = method.flops_per_thv / 6
+                found = dict(ms=round(ms, 2), tflops=round(share * flops / (ms * 1e-3) / 1e12, 2),
+                             floor_fraction=round(share * floor_ms / ms, 3),
                              speedup_vs_eager=round(naive["ms"] / ms, 2) if naive.get("ms") else None)
                 if method.peak_memory:
                     if device.type == "cuda":
@@ -183,7 +252,8 @@ def measure(device: torch.device, quick: bool, copy_gbs: float):
                         spec = dict(method=name, num_rows=num_rows, hidden_size=hidden_size, vocab=vocab,
                                     dtype=dtype_name)
                         peak_mb = peak_rss_extra_mb_in_child("benchmarks.fused_linear_bench", spec)
-                    overhead_mb = max(0.0, peak_mb - grads_mb)
+                    # Only a method with a backward must hold the gradients.
+                    overhead_mb = max(0.0, peak_mb - (grads_mb if method.flops_per_thv == 6 else 0.0))
                     found.update(peak_extra_mb=round(peak_mb, 1), overhead_mb=round(overhead_mb, 1),
                                  overhead_vs_logits=round(overhead_mb / logits_mb, 4))
                     if naive.get("peak_extra_mb"):

@@ -88,6 +88,7 @@ class Method:
     peer: str | None = None  # "<distribution> <version>" of a peer
     computes: str = "grpo"  # what the method computes, where it is not the GRPO loss
     peak_memory: bool = True  # variants with the memory of a row already measured skip it
+    flops_per_thv: int = 6  # fused-linear floor: 6 T H V flops with the backward, 2 forward only
 
     def labels(self) -> dict:
         """What a results row says of the method beyond its name."""

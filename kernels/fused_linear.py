@@ -22,6 +22,7 @@ from . import ops  # noqa: F401  (registers torch.ops.siri.*)
 from .autograd_returns import InputGradients
 from .backends import check_backend_name
 from .config import check_loss_settings, check_temperature
+from .fused_linear_logprobs import FusedLinearTokenLogprobs
 from .policy_loss import PolicyLossOutput, policy_metrics
 from .validation import check_per_token, check_policy_structure, check_targets
 
@@ -159,9 +160,10 @@ def fused_linear_token_logprobs(
 ):
     """Log-probs (and entropy) of `targets` under softmax((hidden @ weight.T + bias) / temperature).
 
-    Forward only, for the no-grad passes that score old and reference log-probs: call it
-    under `torch.no_grad()`. Memory beyond the outputs is one vocabulary slice of logits
-    (`chunk_size` None) or one chunk of rows.
+    Under no_grad (scoring old and reference log-probs) the memory beyond the outputs is one
+    vocabulary slice of logits (`chunk_size` None) or one chunk of rows. Both outputs are
+    differentiable in hidden, weight and bias; the backward forms each row chunk's logits
+    again (kernels/fused_linear_logprobs.py).
 
     Returns logprobs [T] float32, or (logprobs, entropy) with `return_entropy`.
     """
@@ -171,13 +173,8 @@ def fused_linear_token_logprobs(
     check_backend_name(backend)
     if not isinstance(return_entropy, bool):
         raise ValueError(f"return_entropy must be a bool, got {return_entropy!r}")
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
-        raise ValueError(
-            "fused_linear_token_logprobs is forward-only and its outputs carry no gradient: call it under "
-            "torch.no_grad(), or use fused_linear_policy_loss to train"
-        )
     _check_chunk_size(chunk_size)
-    logprobs, entropy = torch.ops.siri.fused_linear_token_logprobs(
+    logprobs, entropy = FusedLinearTokenLogprobs.apply(
         hidden, weight, bias, targets, float(temperature), return_entropy, backend, chunk_size
     )
     return (logprobs, entropy) if return_entropy else logprobs

@@ -152,10 +152,39 @@ def test_token_logprobs(backend, chunk_size):
     torch.testing.assert_close(ent.double(), expected[1], atol=1e-5, rtol=1e-5)
 
 
-def test_token_logprobs_refuses_to_drop_a_gradient():
-    hidden, weight, _ = make_linear(4, 8, 10, torch.float32, 0, False)
-    with pytest.raises(ValueError, match="no_grad"):
-        fused_linear_token_logprobs(hidden.requires_grad_(True), weight, torch.zeros(4, dtype=torch.long))
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("with_entropy, with_bias, chunk_size", [(True, True, 7), (True, False, 64), (False, True, 5)])
+def test_token_logprobs_gradients_match_float64(backend, with_entropy, with_bias, chunk_size):
+    """Both outputs are differentiable in hidden, weight and bias, as the float64 logits path is."""
+    hidden, weight, bias = make_linear(23, 17, 301, torch.float32, 11, with_bias)
+    gen = torch.Generator().manual_seed(12)
+    targets = torch.randint(0, 301, (23,), generator=gen).to(DEVICE)
+    grad_logp, grad_ent = (torch.randn(23, generator=gen).to(DEVICE) for _ in range(2))
+    leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias) if t is not None]
+    out = fused_linear_token_logprobs(leaves[0], leaves[1], targets, bias=leaves[2] if with_bias else None,
+                                      temperature=0.7, return_entropy=with_entropy, chunk_size=chunk_size,
+                                      backend=backend)
+    logp, ent = out if with_entropy else (out, None)
+    objective = (grad_logp * logp).sum() + ((grad_ent * ent).sum() if with_entropy else 0)
+    grads = torch.autograd.grad(objective, leaves)
+
+    exact = [t.double().requires_grad_(True) for t in leaves]
+    logits = exact[0] @ exact[1].t() + (exact[2] if with_bias else 0)
+    logp64, ent64, _ = logprobs_and_entropy(logits, targets, 0.7)
+    objective64 = (grad_logp.double() * logp64).sum() + ((grad_ent.double() * ent64).sum() if with_entropy else 0)
+    for got, want in zip(grads, torch.autograd.grad(objective64, exact)):
+        torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
+
+
+def test_token_logprobs_gradient_of_entropy_alone():
+    hidden, weight, _ = make_linear(9, 8, 50, torch.float32, 2, False)
+    targets = torch.randint(0, 50, (9,)).to(DEVICE)
+    leaf = hidden.clone().requires_grad_(True)
+    _, ent = fused_linear_token_logprobs(leaf, weight, targets, return_entropy=True, chunk_size=4)
+    (grad,) = torch.autograd.grad(ent.sum(), [leaf])
+    exact = hidden.double().requires_grad_(True)
+    (want,) = torch.autograd.grad(logprobs_and_entropy(exact @ weight.double().t(), targets, 1.0)[1].sum(), [exact])
+    torch.testing.assert_close(grad.double(), want, atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.parametrize(
@@ -222,3 +251,18 @@ def test_opcheck_fused_linear_ops(chunk_size):
     valid = targets.clamp(0, 69)
     torch.library.opcheck(torch.ops.siri.fused_linear_token_logprobs.default,
                           (hidden, weight, bias, valid, 0.9, True, "auto", chunk_size))
+
+
+def test_token_logprobs_compiles_forward_and_backward():
+    hidden, weight, bias = make_linear(10, 8, 40, torch.float32, 4, True)
+    targets = torch.randint(0, 40, (10,)).to(DEVICE)
+
+    def objective(h, w, b):
+        logp, ent = fused_linear_token_logprobs(h, w, targets, bias=b, return_entropy=True, chunk_size=4)
+        return logp.sum() + 0.1 * ent.sum()
+
+    leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    eager = torch.autograd.grad(objective(*leaves), leaves)
+    compiled = torch.autograd.grad(torch.compile(objective, fullgraph=True)(*leaves), leaves)
+    for got, want in zip(compiled, eager):
+        torch.testing.assert_close(got, want)
