@@ -2,10 +2,11 @@
 
 For each model (a checkpoint's `policy` directory, or any Hugging Face model directory)
 and each data set, every problem is sampled k times with the budget as the maximum
-response length; a sample is correct when the answer extracted from it (cut at the budget)
-matches the gold one. pass@1 is the mean over problems of the fraction of correct samples;
-length is the mean response length in tokens. With several models, accuracy against
-length is drawn as a PNG.
+response length; a sample is correct when the answer extracted from it (cut at the budget,
+read after the end-of-thinking marker, `siri.rewards`) matches the gold one. pass@1 is the
+mean over problems of the fraction of correct samples; length is the mean response length
+in tokens. With several models, accuracy against length is drawn as a PNG.
+`EVAL_PRESETS` names protocols: "paper" is SIRI's.
 """
 
 from __future__ import annotations

@@ -168,8 +168,6 @@ def run_demo(out_dir: str | os.PathLike, quick: bool = False, *, full: bool = Fa
     `demo` overrides the sizes (`DEFAULT`; `QUICK` with `quick`, `FULL` with `full`). `log`
     gets one line per stage and per measurement; the trainers print their own per-step lines.
     """
-    from siri.trainer import train
-
     if quick and full:
         raise ValueError("quick and full: choose one")
     demo = demo or (QUICK if quick else FULL if full else DEFAULT)
@@ -181,6 +179,20 @@ def run_demo(out_dir: str | os.PathLike, quick: bool = False, *, full: bool = Fa
                 raise UserError(f"out_dir {out_dir!r} holds the checkpoints of an earlier demo ({saved[-1]}): "
                                 "give a new folder, or remove that one first")
     os.makedirs(out_dir, exist_ok=True)
+    threads = torch.get_num_threads()
+    # One thread: the tiny model's matrices are too small for a second thread to pay, and on
+    # a machine whose cores are shared, a second thread spin-waits for the descheduled one
+    # (an SFT step took ten times longer with two threads than with one on a loaded 2-core machine).
+    torch.set_num_threads(1)
+    try:
+        return _run(out_dir, demo, quick, full, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(out_dir: str, demo: DemoConfig, quick: bool, full: bool, log: Callable[[str], None]) -> dict:
+    from siri.trainer import train
+
     started = time.perf_counter()
 
     def clock() -> str:
