@@ -29,7 +29,7 @@ from siri.demo.tokenizer import ALPHABET, WORDS, build_tokenizer
 TINY = ModelSize(hidden_size=32, num_hidden_layers=2, num_attention_heads=1, num_key_value_heads=1,
                  intermediate_size=64, max_position_embeddings=256)
 
-LINE = re.compile(r"(=?)(\d+(?:\+\d+)*)")
+STEP = re.compile(r"(=?)(\d+)\+(\d+)=(\d+)")
 
 
 @pytest.fixture(scope="module")
@@ -64,31 +64,29 @@ def test_generators_are_deterministic(tokenizer):
 
 
 def _check_trace(trace):
-    """Each step adds the first two numbers and copies the rest; a slip is followed by the
-    check that repairs it; the answer after </think> is the sum."""
+    """The running sum is right step by step, a check restates the step above with its right
+    sum, a slip is followed by the check that repairs it, and the answer after </think> is the sum."""
     terms = [int(x) for x in trace.prompt_text.removeprefix("Q: ").removesuffix("=?\n").split("+")]
     thinking, answer = trace.response_text.split(THINK_END)
     assert answer == f"\\boxed{{{sum(terms)}}}" and trace.answer == str(sum(terms))
-    numbers, checks, slips, pending_slip = terms, 0, 0, False
+    total, next_term, checks, slips, pending_slip, last_step = terms[0], 1, 0, 0, False, None
     for line in thinking.splitlines():
-        check, body = LINE.fullmatch(line).groups()
-        values = [int(v) for v in body.split("+")]
-        right = [numbers[0] + numbers[1], *numbers[2:]] if len(numbers) > 1 else numbers
+        check, a, b, c = STEP.fullmatch(line).groups()
+        a, b, c = int(a), int(b), int(c)
         if check:
             checks += 1
-            assert values == numbers or (pending_slip and values == right), line
-            numbers, pending_slip = values, False
-        else:
-            assert not pending_slip, "a slip must be followed by its repair"
-            assert len(values) == len(numbers) - 1 and values[1:] == numbers[2:]
-            if values != right:
-                slips += 1
-                pending_slip = True
-                assert abs(values[0] - right[0]) <= 2
-                numbers = numbers  # the repair is checked against the same step
-                continue
-            numbers = values
-    assert numbers == [sum(terms)] and not pending_slip
+            assert (a, b, c) == last_step, line  # the step above, with its right sum
+            pending_slip = False
+            continue
+        assert not pending_slip, "a slip must be followed by its repair"
+        assert (a, b) == (total, terms[next_term])
+        last_step = (a, b, a + b)
+        if c != a + b:
+            slips += 1
+            pending_slip = True
+            assert abs(c - (a + b)) <= 2
+        total, next_term = a + b, next_term + 1
+    assert next_term == len(terms) and not pending_slip
     assert (trace.checks, trace.slips, trace.terms) == (checks, slips, len(terms))
     assert check_answer(trace.response_text, trace.answer)
 
