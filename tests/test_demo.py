@@ -208,7 +208,7 @@ def _measurement(acc_by_level, length, seed_offset=0.0):
 
 
 def _measured(long_acc, short_acc, low1, low3, high3, lengths):
-    even = {3: 0.5, 4: 0.5, 5: 0.5}
+    even = {2: 0.5, 3: 0.5, 4: 0.5}
 
     def arm(by_level, length):
         return {0: _measurement(by_level, length), 1: _measurement(by_level, length, 0.05)}
@@ -224,8 +224,8 @@ def _measured(long_acc, short_acc, low1, low3, high3, lengths):
 
 def test_criteria_hold_and_fail_where_they_should():
     lengths = {"base": 40, "long": 38, "short": 20, "low1": 26, "low3": 24, "high3": 25}
-    good = _measured(long_acc={3: 0.9, 4: 0.8, 5: 0.7}, short_acc={3: 0.8, 4: 0.5, 5: 0.3},
-                     low1={3: 0.8, 4: 0.6, 5: 0.5}, low3={3: 0.85, 4: 0.7, 5: 0.6}, high3={3: 0.9, 4: 0.8, 5: 0.7},
+    good = _measured(long_acc={2: 0.9, 3: 0.8, 4: 0.7}, short_acc={2: 0.8, 3: 0.5, 4: 0.3},
+                     low1={2: 0.8, 3: 0.6, 4: 0.5}, low3={2: 0.85, 3: 0.7, 4: 0.6}, high3={2: 0.9, 3: 0.8, 4: 0.7},
                      lengths=lengths)
     summary = summarise(good, _Demo)
     assert summary["base"]["acc"] == pytest.approx(0.5)
@@ -235,8 +235,8 @@ def test_criteria_hold_and_fail_where_they_should():
     verdicts = judge(summary, _Demo)
     assert set(verdicts) == set(CRITERIA) and all(v["holds"] for v in verdicts.values()), verdicts
     # SIRI-high as long as constant-long (C1 fails), SIRI-low no better than short (C2), no progress (C3).
-    bad = _measured(long_acc={3: 0.9, 4: 0.8, 5: 0.7}, short_acc={3: 0.9, 4: 0.75, 5: 0.6},
-                    low1={3: 0.8, 4: 0.6, 5: 0.5}, low3={3: 0.8, 4: 0.6, 5: 0.5}, high3={3: 0.9, 4: 0.8, 5: 0.7},
+    bad = _measured(long_acc={2: 0.9, 3: 0.8, 4: 0.7}, short_acc={2: 0.9, 3: 0.75, 4: 0.6},
+                    low1={2: 0.8, 3: 0.6, 4: 0.5}, low3={2: 0.8, 3: 0.6, 4: 0.5}, high3={2: 0.9, 3: 0.8, 4: 0.7},
                     lengths={**lengths, "high3": 38})
     verdicts = judge(summarise(bad, _Demo), _Demo)
     assert [key for key, v in verdicts.items() if not v["holds"]] == ["P2", "C1", "C2", "C3"]
@@ -246,7 +246,7 @@ def test_criteria_hold_and_fail_where_they_should():
 
 def test_plots(tmp_path):
     lengths = {"base": 40, "long": 38, "short": 20, "low1": 26, "low3": 24, "high3": 25}
-    even = {3: 0.5, 4: 0.5, 5: 0.5}
+    even = {2: 0.5, 3: 0.5, 4: 0.5}
     summary = summarise(_measured(even, even, even, even, even, lengths), _Demo)
     plot_pareto(summary, tmp_path / "pareto.png")
     assert (tmp_path / "pareto.png").stat().st_size > 0
