@@ -41,14 +41,14 @@ EVAL_DEFAULTS: dict = {"temperature": 0.6, "k": 4}
 def resolve_protocol(preset: str | None, **given) -> dict:
     """budget, temperature and k: each as given when not None, else the preset's, else `EVAL_DEFAULTS`'.
 
-    ValueError naming `preset` for an unknown one, and `budget` when nothing sets it.
+    UserError naming `preset` for an unknown one, and `budget` when nothing sets it.
     """
     if preset is not None and preset not in EVAL_PRESETS:
-        raise ValueError(f"preset must be one of {sorted(EVAL_PRESETS)}, got {preset!r}")
+        raise UserError(f"preset must be one of {sorted(EVAL_PRESETS)}, got {preset!r}")
     chosen = {**EVAL_DEFAULTS, **(EVAL_PRESETS[preset] if preset else {}),
               **{key: value for key, value in given.items() if value is not None}}
     if chosen.get("budget") is None:
-        raise ValueError("budget: give --budget or a --preset that sets it (e.g. --preset paper)")
+        raise UserError("budget: give --budget or a --preset that sets it (e.g. --preset paper)")
     return chosen
 
 
