@@ -1,8 +1,8 @@
 """The `siri` command: `siri train`, `siri eval`, `siri demo`.
 
     siri train --config configs/siri-1.5b.yaml model.path=/models/r1-distill-1.5b output_dir=runs/a
-    siri eval --model runs/a/checkpoints/step-0001599-low/policy --data aime24.jsonl --budget 8192 --k 16
-    siri demo --out demo-results [--quick]
+    siri eval --model runs/a/checkpoints/step-0001599-low/policy --data aime24.jsonl --preset paper
+    siri demo --out demo-results [--quick | --full]
 
 A problem with what the user gave (a config key, a file, an argument: `siri.errors.UserError`)
 or a missing optional package (ImportError, which says what to install) is one line on
@@ -30,15 +30,17 @@ def _train(args) -> int:
 
 
 def _eval(args) -> int:
-    from siri.evaluate import run_eval
+    from siri.evaluate import resolve_protocol, run_eval
     from siri.models import resolve_device
 
-    rollout = RolloutConfig(engine=args.engine, temperature=args.temperature, top_p=args.top_p,
+    protocol = resolve_protocol(args.preset, budget=args.budget, temperature=args.temperature, k=args.k)
+    rollout = RolloutConfig(engine=args.engine, temperature=protocol["temperature"], top_p=args.top_p,
                             generation_batch_size=args.generation_batch_size)
     data = DataConfig(problem_key=args.problem_key, answer_key=args.answer_key,
                       use_chat_template=not args.no_chat_template, max_prompt_length=args.max_prompt_length)
-    run_eval(args.model, args.data, budget=args.budget, k=args.k, out_dir=args.out, rollout_cfg=rollout,
-             data_cfg=data, device=resolve_device(args.device), dtype=args.dtype, seed=args.seed)
+    run_eval(args.model, args.data, budget=protocol["budget"], k=protocol["k"], out_dir=args.out, rollout_cfg=rollout,
+             data_cfg=data, device=resolve_device(args.device), dtype=args.dtype, seed=args.seed,
+             think_end=None if args.think_end.lower() == "none" else args.think_end)
     return 0
 
 
@@ -46,7 +48,7 @@ def _demo(args) -> int:
     from siri.demo.run import run_demo
 
     check_output_dir("--out", args.out)
-    run_demo(args.out, quick=args.quick)
+    run_demo(args.out, quick=args.quick, full=args.full)
     return 0
 
 
@@ -78,6 +80,8 @@ def _top_p(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from siri.evaluate import EVAL_DEFAULTS, EVAL_PRESETS
+
     parser = argparse.ArgumentParser(
         prog="siri", description="RL for reasoning models under an interleaved length budget")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -94,9 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev = commands.add_parser("eval", help="pass@1 over k samples at a length budget, Table-1 style")
     ev.add_argument("--model", action="append", required=True, help="model directory (repeat for several)")
     ev.add_argument("--data", action="append", required=True, help="jsonl or parquet file (repeat for several)")
-    ev.add_argument("--budget", type=_positive_int, required=True, help="maximum response tokens")
-    ev.add_argument("--k", type=_positive_int, default=4, help="samples per problem")
-    ev.add_argument("--temperature", type=_temperature, default=0.6)
+    ev.add_argument("--preset", choices=sorted(EVAL_PRESETS),
+                    help="a named protocol, its values overridden by the flags: "
+                         + "; ".join(f"{name}: {values}" for name, values in EVAL_PRESETS.items()))
+    ev.add_argument("--budget", type=_positive_int, help="maximum response tokens (required without --preset)")
+    ev.add_argument("--k", type=_positive_int,
+                    help=f"samples per problem (default: the preset's, else {EVAL_DEFAULTS['k']})")
+    ev.add_argument("--temperature", type=_temperature,
+                    help=f"sampling temperature (default: the preset's, else {EVAL_DEFAULTS['temperature']})")
     ev.add_argument("--top-p", type=_top_p, default=0.95)
     ev.add_argument("--engine", choices=["hf", "vllm"], default="hf")
     ev.add_argument("--generation-batch-size", type=_positive_int, default=64)
@@ -104,17 +113,22 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--answer-key", default="answer")
     ev.add_argument("--max-prompt-length", type=_positive_int, default=1024)
     ev.add_argument("--no-chat-template", action="store_true")
+    ev.add_argument("--think-end", default="</think>",
+                    help="the answer is read after this end-of-thinking marker; 'none': anywhere in the response")
     ev.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ev.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     ev.add_argument("--seed", type=_seed, default=0)
     ev.add_argument("--out", help="folder for eval.json and accuracy_vs_length.png")
     ev.set_defaults(run=_eval)
 
-    demo = commands.add_parser("demo", help="SIRI end to end on a tiny model and a synthetic task, on a CPU "
-                                            "(about 6 minutes on 2 cores; nothing downloaded)")
-    demo.add_argument("--out", required=True, help="folder for results.json, curves.png, metrics and checkpoints")
-    demo.add_argument("--quick", action="store_true",
-                      help="tiny sizes: the same files in under a minute, too short to show the effect")
+    demo = commands.add_parser("demo", help="SIRI and its baselines end to end on a tiny model and a synthetic task, "
+                                            "on a CPU (nothing downloaded)")
+    demo.add_argument("--out", required=True, help="folder for results.json, pareto.png, curves.png, metrics, "
+                                                   "checkpoints")
+    size = demo.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true",
+                      help="tiny sizes: the same files in well under a minute, too short to show anything")
+    size.add_argument("--full", action="store_true", help="5 seeds and 2 samples per held-out problem")
     demo.set_defaults(run=_demo)
     return parser
 

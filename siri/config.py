@@ -33,6 +33,8 @@ from siri.models import check_model_dir
 from siri.packing import LOSS_AGGS
 from siri.precision import TORCH_DTYPES
 from siri.schedule import SCHEDULE_KINDS, LengthSchedule, make_schedule
+from siri.rewards import DEFAULT_THINK_END
+from siri.verifier import DEFAULT_TIMEOUT_S
 
 ENGINES = ("hf", "vllm")  # what siri.rollout.make_engine builds
 DEVICES = ("auto", "cpu", "cuda")
@@ -95,7 +97,10 @@ class RewardConfig:
     fn: str = "length_capped"  # a built-in name or a dotted path "package.module:function"
     mask_truncated: bool = False  # truncated samples get weight 0 in the loss
     overlong_buffer: int | None = None  # DAPO's soft overlong penalty over the last N tokens
-    timeout_s: float = 5.0
+    # The answer is read after this end-of-thinking marker only (DeepScaleR's rule: none in the
+    # response, reward 0); null reads the whole response. Built-in rewards only.
+    think_end: str | None = DEFAULT_THINK_END
+    timeout_s: float = DEFAULT_TIMEOUT_S  # seconds one math-verify check may take, then "incorrect"
 
 
 @dataclass
@@ -267,6 +272,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             f"prompts_per_step ({cfg.prompts_per_step}) must be a multiple of algorithm.mini_batches "
             f"({cfg.algorithm.mini_batches}): each optimizer step takes whole groups"
         )
+    if cfg.reward.think_end == "":
+        raise UserError("reward.think_end must be a marker such as '</think>', or null to read the whole response")
     loss_config(cfg)
     try:
         schedule = build_schedule(cfg)

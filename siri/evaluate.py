@@ -2,10 +2,11 @@
 
 For each model (a checkpoint's `policy` directory, or any Hugging Face model directory)
 and each data set, every problem is sampled k times with the budget as the maximum
-response length; a sample is correct when the answer extracted from it (cut at the budget)
-matches the gold one. pass@1 is the mean over problems of the fraction of correct samples;
-length is the mean response length in tokens. With several models, accuracy against
-length is drawn as a PNG.
+response length; a sample is correct when the answer extracted from it (cut at the budget,
+read after the end-of-thinking marker, `siri.rewards`) matches the gold one. pass@1 is the
+mean over problems of the fraction of correct samples; length is the mean response length
+in tokens. With several models, accuracy against length is drawn as a PNG.
+`EVAL_PRESETS` names protocols: "paper" is SIRI's.
 """
 
 from __future__ import annotations
@@ -21,8 +22,34 @@ from siri.data import PromptDataset
 from siri.errors import UserError
 from siri.files import check_output_dir, write_atomically, write_json_atomically
 from siri.models import check_model_dir, load_model, load_tokenizer
-from siri.rewards import length_capped_reward, score_batch
+from siri.rewards import DEFAULT_THINK_END, load_reward_fn, score_rollouts
 from siri.rollout import SamplingSettings, make_engine
+from siri.text_table import format_text_table
+
+
+# Evaluation protocols by name (`siri eval --preset`). "paper": SIRI's (arXiv 2509.25176,
+# §5): every model, SIRI-low included, at a 16,384-token budget, temperature 0.6, pass@1
+# over 64 samples per problem. The paper does not restate top-p; 0.95 is DeepScaleR's and
+# the command's default, and stays ours.
+EVAL_PRESETS: dict[str, dict] = {
+    "paper": {"budget": 16384, "temperature": 0.6, "k": 64},
+}
+# What `siri eval` uses where neither a flag nor a preset sets the value (budget has none).
+EVAL_DEFAULTS: dict = {"temperature": 0.6, "k": 4}
+
+
+def resolve_protocol(preset: str | None, **given) -> dict:
+    """budget, temperature and k: each as given when not None, else the preset's, else `EVAL_DEFAULTS`'.
+
+    UserError naming `preset` for an unknown one, and `budget` when nothing sets it.
+    """
+    if preset is not None and preset not in EVAL_PRESETS:
+        raise UserError(f"preset must be one of {sorted(EVAL_PRESETS)}, got {preset!r}")
+    chosen = {**EVAL_DEFAULTS, **(EVAL_PRESETS[preset] if preset else {}),
+              **{key: value for key, value in given.items() if value is not None}}
+    if chosen.get("budget") is None:
+        raise UserError("budget: give --budget or a --preset that sets it (e.g. --preset paper)")
+    return chosen
 
 
 @dataclass
@@ -42,9 +69,11 @@ class EvalResult:
 
 def evaluate_model(model, tokenizer, datasets: dict[str, PromptDataset], *, budget: int, k: int,
                    rollout_cfg: RolloutConfig, seed: int = 0, model_path: str = "", dtype: str = "float32",
-                   name: str = "model") -> EvalResult:
-    """pass@1 (mean over k samples) and mean length of `model` on each data set."""
+                   name: str = "model", think_end: str | None = DEFAULT_THINK_END) -> EvalResult:
+    """pass@1 (mean over k samples) and mean length of `model` on each data set; a sample is
+    correct by the training reward (`length_capped`, the answer read after `think_end`)."""
     k = as_int("k", k, minimum=1)
+    accuracy_fn = load_reward_fn("length_capped", think_end=think_end)
     budget = as_int("budget", budget, minimum=1)
     longest = max((len(d[i].prompt_ids) for d in datasets.values() for i in range(len(d))), default=0)
     cfg = RolloutConfig(**{**rollout_cfg.__dict__, "n": k})
@@ -57,12 +86,7 @@ def evaluate_model(model, tokenizer, datasets: dict[str, PromptDataset], *, budg
             problems = [dataset[i] for i in range(len(dataset))]
             with torch.no_grad():
                 rollouts = engine.generate([p.prompt_ids for p in problems], settings)
-            texts = tokenizer.batch_decode([r.response_ids for r in rollouts], skip_special_tokens=True)
-            correct = score_batch(
-                length_capped_reward, texts, [problems[r.prompt_index].answer for r in rollouts],
-                truncated=[r.truncated for r in rollouts], response_lens=[len(r.response_ids) for r in rollouts],
-                budget=budget,
-            )
+            correct = score_rollouts(accuracy_fn, rollouts, [p.answer for p in problems], tokenizer, budget=budget)
             per_problem = [0.0] * len(problems)
             for rollout, score in zip(rollouts, correct):
                 per_problem[rollout.prompt_index] += score / k
@@ -87,10 +111,7 @@ def format_table(results: list[EvalResult]) -> str:
                     + [f"{100 * r.datasets[n]['acc']:.1f}" if n in r.datasets else "-" for n in names]
                     + [f"{r.datasets[n]['len']:.0f}" if n in r.datasets else "-" for n in names]
                     + [f"{100 * avg['acc']:.1f}", f"{avg['len']:.0f}"])
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in rows]
-    return "\n".join(lines)
+    return format_text_table(header, rows)
 
 
 def plot_accuracy_vs_length(results: list[EvalResult], path: str) -> None:
@@ -135,7 +156,7 @@ def model_name(path: str) -> str:
 
 def run_eval(models: list[str], data_files: list[str], *, budget: int, k: int, out_dir: str | None,
              rollout_cfg: RolloutConfig, data_cfg: DataConfig, device: torch.device, dtype: str,
-             seed: int = 0) -> list[EvalResult]:
+             seed: int = 0, think_end: str | None = DEFAULT_THINK_END) -> list[EvalResult]:
     """Evaluate each model directory on each data file; print the table, save JSON and PNG."""
     if not models:
         raise UserError("models: give at least one model directory")
@@ -166,7 +187,8 @@ def run_eval(models: list[str], data_files: list[str], *, budget: int, k: int, o
                 raise UserError(f"data {f!r} holds {why}: there is nothing to evaluate")
         model, tokenizer = load_model(path, device, dtype, weights=rollout_cfg.engine == "hf", tokenizer=tokenizer)
         results.append(evaluate_model(model, tokenizer, datasets, budget=budget, k=k, rollout_cfg=rollout_cfg,
-                                      seed=seed, model_path=path, dtype=dtype, name=model_name(path)))
+                                      seed=seed, model_path=path, dtype=dtype, name=model_name(path),
+                                      think_end=think_end))
         del model
     print(format_table(results))
     if out_dir:

@@ -1,4 +1,4 @@
-"""Rewards for math answers: extraction, equivalence checking, and the reward functions.
+"""Rewards for math answers: the answer of a response, and the reward functions.
 
 Every reward function has one signature (`RewardFn`)::
 
@@ -7,36 +7,29 @@ Every reward function has one signature (`RewardFn`)::
 where `response_text` is the decoded response as the rollout engine returned it (already
 cut at the length budget), `truncated` says the engine stopped it at the budget,
 `response_len` is its length in tokens and `budget` the length budget of the step that
-generated it. `load_reward_fn` turns a config string into such a function.
+generated it. `load_reward_fn` turns a config string into such a function; `score_rollouts`
+decodes a batch of rollouts and scores it, for the trainer and `siri eval` alike.
 
-Equivalence is judged by math-verify (``pip install math-verify``), so ``1/2``,
-``0.5`` and ``\\frac{1}{2}`` all match a gold ``\\frac12``. math-verify's own timeout uses
-``signal.alarm``, which only works on the main thread; we disable it and run the checks
-in worker processes instead (see `is_correct`), so rewards can be computed from any
-thread, e.g. overlapped with generation. The workers need a POSIX system (Linux, macOS).
+The answer is DeepScaleR's, which SIRI's length-capping reward uses: the last ``\\boxed{}``
+after the end of the thinking (`DEFAULT_THINK_END`, ``</think>``). A response with no such
+marker, because it was cut at the budget while still thinking, has no answer, however many
+guesses it boxed inside its thinking: that is the pressure compression relies on. The
+marker is an argument everywhere (``think_end``); None reads the whole response, the
+behaviour for models that do not think in tags. Equivalence is `siri.verifier`'s.
 """
 
 from __future__ import annotations
 
-import atexit
 import importlib
-import importlib.util
-import logging
-import math
-import os
 import re
-import signal
-import socket
-import subprocess
-import sys
-import threading
 from concurrent.futures import ThreadPoolExecutor
-from multiprocessing.connection import Connection
 from typing import Protocol, Sequence
 
 from siri.checks import as_int
+from siri.verifier import DEFAULT_TIMEOUT_S, check_timeout, shutdown_verifiers, verify_equal
 
 __all__ = [
+    "DEFAULT_THINK_END",
     "DEFAULT_TIMEOUT_S",
     "REWARD_FNS",
     "RewardFn",
@@ -47,23 +40,13 @@ __all__ = [
     "load_reward_fn",
     "overlong_penalty",
     "score_batch",
+    "score_rollouts",
     "shutdown_verifiers",
     "with_overlong_penalty",
 ]
 
-logger = logging.getLogger(__name__)
-
-# Seconds one equivalence check may take. A correct answer takes milliseconds; the ones
-# that take longer are pathological (a power tower sympy tries to evaluate) and are wrong
-# in practice.
-DEFAULT_TIMEOUT_S = 5.0
-
-# Generous: a spawned worker imports sympy and math-verify (about a second) before it
-# serves; this only guards against a worker that can never start.
-_STARTUP_TIMEOUT_S = 120.0
-
-# How long after its deadline a stuck worker ends itself if the trainer has not killed it.
-_BACKSTOP_GRACE_S = 2.0
+# The end-of-thinking marker of DeepSeek-R1 and its distilled models (DeepScaleR's rule).
+DEFAULT_THINK_END = "</think>"
 
 
 class RewardFn(Protocol):
@@ -77,12 +60,21 @@ class RewardFn(Protocol):
 # Answer extraction
 
 _BOXED_OPEN = re.compile(r"\\boxed\s*\{")
-# Up to 18 digits: fits an int64, and stays clear of the 4300-digit cap of int(str).
-_INTEGER = re.compile(r"[+-]?\d{1,18}")
 
 
-def extract_answer(text: str) -> str | None:
-    """The content of the last ``\\boxed{...}`` in `text`, or None.
+def _check_marker(think_end) -> str | None:
+    if think_end is not None and (not isinstance(think_end, str) or not think_end):
+        raise ValueError(f"think_end must be a non-empty str or None, got {think_end!r}")
+    return think_end
+
+
+def extract_answer(text: str, think_end: str | None = DEFAULT_THINK_END) -> str | None:
+    """The content of the last ``\\boxed{...}`` in `text` after the end of its thinking, or None.
+
+    With `think_end` (a marker such as ``</think>``), only the text after its first
+    occurrence is read, and a text without it has no answer: DeepScaleR's rule, under which
+    a response cut while thinking scores nothing even if it boxed a guess on the way. With
+    `think_end=None` the whole text is read.
 
     Braces nest (``\\boxed{\\frac{1}{2}}`` gives ``\\frac{1}{2}``) and escaped braces do not
     count (``\\boxed{\\{1, 2\\}}`` gives ``\\{1, 2\\}``). None when there is no box, when the
@@ -91,6 +83,10 @@ def extract_answer(text: str) -> str | None:
     """
     if not isinstance(text, str):
         raise ValueError(f"text must be a str, got {type(text).__name__}")
+    if _check_marker(think_end) is not None:
+        _, found, text = text.partition(think_end)
+        if not found:
+            return None
     last = None
     for last in _BOXED_OPEN.finditer(text):
         pass
@@ -119,201 +115,28 @@ def _gold_answer(gold: str) -> str:
         raise ValueError(f"gold must be a str, got {type(gold).__name__}")
     # Datasets store either the bare answer ("\\frac{1}{2}") or a worked solution with
     # the answer boxed (MATH); both reduce to the bare answer.
-    answer = extract_answer(gold) if "\\boxed" in gold else gold.strip()
+    answer = extract_answer(gold, think_end=None) if "\\boxed" in gold else gold.strip()
     if not answer:
         raise ValueError(f"gold has no answer: {gold!r}")
     return answer
 
 
-# ---------------------------------------------------------------------------------------
-# Equivalence checking in worker processes
-#
-# Why processes: with math-verify's signal-based timeout disabled, a check has to be
-# interrupted some other way, and a thread cannot be. Worse, the checks that hang are
-# usually sympy evaluating a power tower (9^{9^{9^9}}) as a Python int, a single C call
-# that holds the GIL: in a thread it would freeze the whole trainer, not just one core. A
-# process can be killed. Workers are started once and kept, so a check costs one socket
-# round trip (~0.1 ms) next to math-verify's milliseconds; only a timed-out worker is
-# killed and replaced.
-#
-# Why not multiprocessing: its "spawn" start method re-imports the parent's __main__ in
-# the child, which fails for scripts fed on stdin and re-runs unguarded training scripts,
-# and "fork" is unsafe in a trainer that holds CUDA contexts and thread pools. A plain
-# `python -c` child that gets the parent's sys.path imports only this module.
-
-_WORKER_BOOTSTRAP = (
-    "import sys; sys.path[:] = sys.argv[2:]; "
-    "from siri.rewards import _verifier_main; _verifier_main(int(sys.argv[1]))"
-)
-
-
-def _verifier_main(fd: int) -> None:
-    """Worker loop on the socket `fd`: receive (gold, answer, timeout_s), send whether they are equal."""
-    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
-
-    # Silence math-verify's warning that its timeout is off: we enforce it from outside.
-    logging.getLogger("math_verify").setLevel(logging.ERROR)
-    # Our own backstop, for when the trainer dies while we are stuck and nobody is left to
-    # kill us: SIGALRM's default action ends the process in the kernel, which works even
-    # inside a C call that holds the GIL, where a Python handler or watchdog thread would
-    # never run. Set a little after the trainer's deadline so its kill normally comes first.
-    signal.signal(signal.SIGALRM, signal.SIG_DFL)
-    extraction_config = [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]
-    conn = Connection(fd)
-    conn.send("ready")
-    while True:
-        try:
-            gold, answer, timeout_s = conn.recv()
-        except EOFError:  # the trainer closed the socket or exited
-            return
-        signal.setitimer(signal.ITIMER_REAL, timeout_s + _BACKSTOP_GRACE_S)
-        try:
-            # Gold first: math-verify's comparison is not symmetric, and its docs and
-            # graders parse the reference before the prediction.
-            gold_parsed = parse(f"\\boxed{{{gold}}}", extraction_config=extraction_config, parsing_timeout=None)
-            answer_parsed = parse(f"\\boxed{{{answer}}}", extraction_config=extraction_config, parsing_timeout=None)
-            equal = bool(verify(gold_parsed, answer_parsed, timeout_seconds=None))
-        except Exception:  # math-verify catches its own errors; anything left is "not equal"
-            equal = False
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        conn.send(equal)
-
-
-class _Verifier:
-    """One worker process running `_verifier_main`, and our end of its socket."""
-
-    def __init__(self) -> None:
-        if importlib.util.find_spec("math_verify") is None:
-            raise ImportError("is_correct needs math-verify: pip install math-verify")
-        parent_socket, child_socket = socket.socketpair()
-        with child_socket:
-            self._process = subprocess.Popen(
-                [sys.executable, "-c", _WORKER_BOOTSTRAP, str(child_socket.fileno()), *sys.path],
-                pass_fds=(child_socket.fileno(),),
-                stdin=subprocess.DEVNULL,
-            )
-        self._conn = Connection(parent_socket.detach())
-        try:
-            ready = self._conn.poll(_STARTUP_TIMEOUT_S) and self._conn.recv() == "ready"
-        except EOFError:  # it died while importing
-            ready = False
-        if not ready:
-            self.close()
-            raise RuntimeError(
-                f"the math-verify worker did not start within {_STARTUP_TIMEOUT_S:.0f} s "
-                f"(exit code {self._process.returncode})"
-            )
-
-    @property
-    def alive(self) -> bool:
-        return not self._conn.closed
-
-    def check(self, gold: str, answer: str, timeout_s: float) -> bool | None:
-        """The verdict; False if it took over `timeout_s`; None if the worker had died."""
-        try:
-            self._conn.send((gold, answer, timeout_s))
-            if self._conn.poll(timeout_s):
-                return self._conn.recv()
-        except (EOFError, OSError):  # it died, e.g. killed for memory, maybe while idle
-            self.close()
-            return None
-        logger.warning("math-verify took over %.3g s on answer %.200r; counted as incorrect", timeout_s, answer)
-        self.close()
-        return False
-
-    def close(self) -> None:
-        if not self._conn.closed:
-            self._conn.close()
-        self._process.kill()  # a no-op once it has exited
-        self._process.wait()
-
-
-class _VerifierPool:
-    """Idle workers shared by all threads; a caller takes one or starts a new one."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._idle: list[_Verifier] = []
-        self._all: set[_Verifier] = set()
-
-    def check(self, gold: str, answer: str, timeout_s: float) -> bool:
-        # A worker that died, perhaps while idle and for reasons unrelated to this answer,
-        # gets one replacement; a second death is blamed on the answer.
-        for _ in range(2):
-            verifier = self._acquire()
-            equal = verifier.check(gold, answer, timeout_s)
-            self._release(verifier)
-            if equal is not None:
-                return equal
-        logger.warning("math-verify workers died twice on answer %.200r; counted as incorrect", answer)
-        return False
-
-    def _acquire(self) -> _Verifier:
-        with self._lock:
-            if self._idle:
-                return self._idle.pop()
-        verifier = _Verifier()
-        with self._lock:
-            self._all.add(verifier)
-        return verifier
-
-    def _release(self, verifier: _Verifier) -> None:
-        with self._lock:
-            if verifier.alive:
-                self._idle.append(verifier)
-            else:
-                self._all.discard(verifier)
-
-    def shutdown(self, *, busy_too: bool = False) -> None:
-        with self._lock:
-            stopping = list(self._all) if busy_too else self._idle
-            self._all.difference_update(stopping)
-            self._idle = []
-        for verifier in stopping:
-            verifier.close()
-
-    def forget_after_fork(self) -> None:
-        # A forked child (e.g. a DataLoader worker) inherits the parent's sockets; talking
-        # to the parent's workers would interleave messages, so the child starts its own.
-        self._lock = threading.Lock()
-        self._idle = []
-        self._all = set()
-
-
-_VERIFIERS = _VerifierPool()
-atexit.register(_VERIFIERS.shutdown, busy_too=True)
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_VERIFIERS.forget_after_fork)
-
-
-def shutdown_verifiers() -> None:
-    """Stop the idle math-verify worker processes, e.g. to free host memory.
-
-    They restart on demand; workers in use by another thread finish their check first.
-    """
-    _VERIFIERS.shutdown()
-
-
-def is_correct(response_text: str, gold: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
+def is_correct(response_text: str, gold: str, timeout_s: float = DEFAULT_TIMEOUT_S, *,
+               think_end: str | None = DEFAULT_THINK_END) -> bool:
     """Whether the final answer of `response_text` is mathematically equal to `gold`.
 
-    The final answer is the last ``\\boxed{...}`` (`extract_answer`); a response without one
-    is not correct. `gold` is the bare answer or a text with it boxed. Integers are
-    compared directly; anything else goes to math-verify (gold parsed first), in a worker
-    process killed after `timeout_s` seconds, in which case the answer counts as
-    incorrect. Safe to call from any thread, and from several at once.
+    The final answer is the last ``\\boxed{...}`` after `think_end` (`extract_answer`); a
+    response without one is not correct. `gold` is the bare answer or a text with it boxed.
+    The verdict is `siri.verifier.verify_equal`'s: math-verify in a worker process killed
+    after `timeout_s` seconds, in which case the answer counts as incorrect. Safe to call
+    from any thread, and from several at once.
     """
     gold_answer = _gold_answer(gold)
-    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 < timeout_s < math.inf:
-        raise ValueError(f"timeout_s must be a positive finite number of seconds, got {timeout_s!r}")
-    answer = extract_answer(response_text)
+    check_timeout(timeout_s)
+    answer = extract_answer(response_text, think_end)
     if answer is None:
         return False
-    # Most answers of competition math are integers; comparing them here keeps them off
-    # the worker pipe. math-verify would reach the same verdict.
-    if _INTEGER.fullmatch(answer) and _INTEGER.fullmatch(gold_answer):
-        return int(answer) == int(gold_answer)
-    return _VERIFIERS.check(gold_answer, answer, float(timeout_s))
+    return verify_equal(gold_answer, answer, timeout_s)
 
 
 # ---------------------------------------------------------------------------------------
@@ -324,25 +147,29 @@ def _check_lengths(response_len: int, budget: int) -> tuple[int, int]:
     return as_int("response_len", response_len, minimum=0), as_int("budget", budget, minimum=1)
 
 
-def length_capped_reward(response_text: str, gold: str, *, truncated: bool, response_len: int, budget: int) -> float:
+def length_capped_reward(response_text: str, gold: str, *, truncated: bool, response_len: int, budget: int,
+                         think_end: str | None = DEFAULT_THINK_END, timeout_s: float = DEFAULT_TIMEOUT_S) -> float:
     """SIRI's reward: 1.0 if an answer is extracted from the response and is correct, else 0.0.
 
-    The response is the one cut at `budget`, so a response that ran out of budget before
-    boxing its answer scores 0, which is what pushes the policy to be concise during
-    compression. `truncated` itself does not zero the reward: an answer boxed before the
-    cut counts. A response longer than `budget` tokens (generated under an earlier,
-    larger budget, as with asynchronous rollouts across a budget drop) scores 0.
+    The response is the one cut at `budget`, and its answer is read after the end of its
+    thinking (`think_end`; `extract_answer`), so a response that ran out of budget while
+    still thinking, or before boxing its answer, scores 0: the pressure that pushes the
+    policy to be concise during compression. `truncated` itself does not zero the reward:
+    an answer given before the cut counts. A response longer than `budget` tokens
+    (generated under an earlier, larger budget, as with asynchronous rollouts across a
+    budget drop) scores 0. `timeout_s` bounds one math-verify check (`is_correct`).
     """
     response_len, budget = _check_lengths(response_len, budget)
     if response_len > budget:
         return 0.0
-    return 1.0 if is_correct(response_text, gold) else 0.0
+    return 1.0 if is_correct(response_text, gold, timeout_s, think_end=think_end) else 0.0
 
 
-def correctness_reward(response_text: str, gold: str, *, truncated: bool, response_len: int, budget: int) -> float:
-    """1.0 if the response's boxed answer is correct, else 0.0, whatever its length or truncation."""
+def correctness_reward(response_text: str, gold: str, *, truncated: bool, response_len: int, budget: int,
+                       think_end: str | None = DEFAULT_THINK_END, timeout_s: float = DEFAULT_TIMEOUT_S) -> float:
+    """1.0 if the response's answer (after `think_end`) is correct, else 0.0, whatever its length or truncation."""
     _check_lengths(response_len, budget)
-    return 1.0 if is_correct(response_text, gold) else 0.0
+    return 1.0 if is_correct(response_text, gold, timeout_s, think_end=think_end) else 0.0
 
 
 def overlong_penalty(response_len: int, budget: int, buffer: int) -> float:
@@ -383,13 +210,26 @@ def with_overlong_penalty(reward_fn: RewardFn, buffer: int) -> RewardFn:
     return penalized
 
 
+# The built-in rewards: they take `think_end` and `timeout_s`, which `load_reward_fn` binds.
 REWARD_FNS: dict[str, RewardFn] = {
     "length_capped": length_capped_reward,
     "correctness": correctness_reward,
 }
 
 
-def load_reward_fn(spec: str | RewardFn, *, overlong_buffer: int | None = None) -> RewardFn:
+def _bind_answer_rule(reward_fn, think_end: str | None, timeout_s: float) -> RewardFn:
+    def bound(response_text: str, gold: str, *, truncated: bool, response_len: int, budget: int) -> float:
+        return reward_fn(response_text, gold, truncated=truncated, response_len=response_len, budget=budget,
+                         think_end=think_end, timeout_s=timeout_s)
+
+    bound.__name__ = bound.__qualname__ = reward_fn.__name__
+    bound.__doc__ = reward_fn.__doc__
+    bound.think_end, bound.timeout_s = think_end, timeout_s
+    return bound
+
+
+def load_reward_fn(spec: str | RewardFn, *, overlong_buffer: int | None = None,
+                   think_end: str | None = DEFAULT_THINK_END, timeout_s: float = DEFAULT_TIMEOUT_S) -> RewardFn:
     """Resolve a reward function from a config value.
 
     Args:
@@ -398,6 +238,10 @@ def load_reward_fn(spec: str | RewardFn, *, overlong_buffer: int | None = None) 
             colon, attributes may be dotted too: ``"my_pkg.rewards:Scorer.score"``), or a
             callable, returned as is.
         overlong_buffer: if given, add `overlong_penalty` with this buffer (DAPO).
+        think_end, timeout_s: the end-of-thinking marker after which a built-in reward reads
+            the answer (None: the whole response) and the seconds one math-verify check may
+            take (`reward.think_end`, `reward.timeout_s`). A function of your own reads
+            answers its own way and is given neither.
 
     Raises:
         ValueError: naming `spec`, when it is malformed, cannot be imported, does not
@@ -408,7 +252,7 @@ def load_reward_fn(spec: str | RewardFn, *, overlong_buffer: int | None = None) 
     elif not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"spec must be a reward function name, a dotted path or a callable, got {spec!r}")
     elif spec in REWARD_FNS:
-        reward_fn = REWARD_FNS[spec]
+        reward_fn = _bind_answer_rule(REWARD_FNS[spec], _check_marker(think_end), check_timeout(timeout_s))
     else:
         if ":" in spec:
             module_name, _, attr_path = spec.partition(":")
@@ -488,3 +332,17 @@ def score_batch(
     # thread blocked on a worker's pipe releases the GIL.
     with ThreadPoolExecutor(max_workers=min(num_workers, n), thread_name_prefix="siri-reward") as executor:
         return list(executor.map(score, range(n)))
+
+
+def score_rollouts(reward_fn: RewardFn, rollouts: Sequence, golds: Sequence[str], tokenizer, *,
+                   budget: int | Sequence[int], num_workers: int = 1) -> list[float]:
+    """Rewards of rollouts (`siri.rollout.Rollout`s), in order: the trainer's and `siri eval`'s one way to score.
+
+    Each response is decoded with `tokenizer` (special tokens dropped: a tokenizer whose
+    end-of-thinking marker is a *special* token would lose it; the R1 tokenizers' is not),
+    and scored by `score_batch` against ``golds[rollout.prompt_index]``.
+    """
+    texts = tokenizer.batch_decode([r.response_ids for r in rollouts], skip_special_tokens=True)
+    return score_batch(reward_fn, texts, [golds[r.prompt_index] for r in rollouts],
+                       truncated=[r.truncated for r in rollouts], response_lens=[len(r.response_ids) for r in rollouts],
+                       budget=budget, num_workers=num_workers)

@@ -46,7 +46,7 @@ from siri.model_forward import enable_activation_checkpointing, packed_logprobs,
 from siri.models import check_model_dir, load_model, load_tokenizer, resolve_device
 from siri.packing import Sample, pack, unpack
 from siri.precision import TORCH_DTYPES, compute_context, parameter_dtype
-from siri.rewards import length_capped_reward, load_reward_fn, score_batch
+from siri.rewards import load_reward_fn, score_rollouts
 from siri.rollout import SamplingSettings, make_engine
 from siri.tracking import Tracker
 
@@ -83,10 +83,14 @@ class Trainer:
         # model loads: the schedule, the loss settings, the reward, what to resume, the data.
         self.schedule = build_schedule(cfg)
         self.loss_settings = dataclasses.asdict(loss_config(cfg))  # policy_loss's keywords
+        answer_rule = {"think_end": cfg.reward.think_end, "timeout_s": cfg.reward.timeout_s}
         try:
-            self.reward_fn = load_reward_fn(cfg.reward.fn, overlong_buffer=cfg.reward.overlong_buffer)
+            self.reward_fn = load_reward_fn(cfg.reward.fn, overlong_buffer=cfg.reward.overlong_buffer, **answer_rule)
         except ValueError as error:
             raise UserError(f"reward.fn: {error}") from error
+        # Accuracy is always the paper's: a correct answer within the budget.
+        self.reward_is_accuracy = cfg.reward.fn == "length_capped" and cfg.reward.overlong_buffer is None
+        self.accuracy_fn = self.reward_fn if self.reward_is_accuracy else load_reward_fn("length_capped", **answer_rule)
         resume_from = self._resume_point(resume)
         if model is None:
             check_model_dir("model.path", cfg.model.path)
@@ -236,16 +240,10 @@ class Trainer:
         return rollouts
 
     def _score(self, problems, rollouts, budget: int):
-        texts = self.tokenizer.batch_decode([r.response_ids for r in rollouts], skip_special_tokens=True)
-        golds = [problems[r.prompt_index].answer for r in rollouts]
-        truncated = [r.truncated for r in rollouts]
-        lengths = [len(r.response_ids) for r in rollouts]
-        rewards = score_batch(self.reward_fn, texts, golds, truncated=truncated, response_lens=lengths, budget=budget)
-        if self.reward_fn is length_capped_reward:
-            accuracy = rewards
-        else:  # accuracy is always the paper's: a correct answer within the budget
-            accuracy = score_batch(length_capped_reward, texts, golds, truncated=truncated, response_lens=lengths,
-                                   budget=budget)
+        golds = [p.answer for p in problems]
+        rewards = score_rollouts(self.reward_fn, rollouts, golds, self.tokenizer, budget=budget)
+        accuracy = (rewards if self.reward_is_accuracy
+                    else score_rollouts(self.accuracy_fn, rollouts, golds, self.tokenizer, budget=budget))
         return torch.tensor(rewards, dtype=torch.float32), torch.tensor(accuracy, dtype=torch.float32)
 
     def _samples(self, group_ids, rollouts, advantages, keep) -> list[Sample]:

@@ -1,12 +1,16 @@
-"""siri.rewards: answer extraction, equivalence through math-verify, reward functions, loading."""
+"""siri.rewards and siri.verifier: answer extraction after the end of thinking, equivalence through
+math-verify, reward functions, loading, scoring rollouts."""
 
 import threading
 import time
 
 import pytest
 
-from siri import rewards
+from siri import verifier
+from siri.verifier import verify_equal
 from siri.rewards import (
+    DEFAULT_THINK_END,
+    REWARD_FNS,
     correctness_reward,
     extract_answer,
     is_correct,
@@ -14,13 +18,16 @@ from siri.rewards import (
     load_reward_fn,
     overlong_penalty,
     score_batch,
+    score_rollouts,
     shutdown_verifiers,
     with_overlong_penalty,
 )
 
 # sympy tries to evaluate this power tower as a Python int (9^(9^9) alone has 370 million
 # digits): it never finishes, and spends the time in C calls that hold the GIL.
-POWER_TOWER = "\\boxed{9^{9^{9^{9}}}}"
+POWER_TOWER = "</think>\\boxed{9^{9^{9^{9}}}}"
+# The thinking of a response, closed: what comes after it is the answer part.
+THOUGHT = "Let me think. 1/2 is 0.5.</think>"
 
 
 def reward_for_tests(response_text, gold, *, truncated, response_len, budget):
@@ -51,7 +58,23 @@ class Scorer:
     ],
 )
 def test_extract_answer(text, answer):
-    assert extract_answer(text) == answer
+    assert extract_answer(text, think_end=None) == answer
+    assert extract_answer(THOUGHT + text) == answer
+
+
+def test_answer_is_read_after_the_end_of_thinking_only():
+    # DeepScaleR's rule: a box inside the thinking is a guess on the way, not the answer.
+    assert extract_answer("maybe \\boxed{3}? no.</think>So \\boxed{4}.") == "4"
+    assert extract_answer("maybe \\boxed{3}? no.</think>So it is four.") is None
+    # Boxed a guess while thinking, then cut at the budget before </think>: no answer.
+    assert extract_answer("guess \\boxed{4}, let me verify by expanding (x+1)^2 = x^2 +") is None
+    # The marker is configurable, and None reads the whole text (the old rule).
+    assert extract_answer("a \\boxed{3} END \\boxed{5}", think_end="END") == "5"
+    assert extract_answer("guess \\boxed{4}, then cut", think_end=None) == "4"
+    assert DEFAULT_THINK_END == "</think>"
+    for bad in ("", 3):
+        with pytest.raises(ValueError, match="think_end"):
+            extract_answer("\\boxed{1}", think_end=bad)
 
 
 @pytest.mark.parametrize(
@@ -66,7 +89,8 @@ def test_extract_answer(text, answer):
     ],
 )
 def test_extract_answer_none(text):
-    assert extract_answer(text) is None
+    assert extract_answer(text, think_end=None) is None
+    assert extract_answer(THOUGHT + text) is None
 
 
 def test_extract_answer_rejects_non_text():
@@ -92,7 +116,7 @@ def test_extract_answer_rejects_non_text():
     ],
 )
 def test_equivalent_forms_are_correct(answer, gold):
-    assert is_correct(f"Thus \\boxed{{{answer}}}.", gold)
+    assert is_correct(f"{THOUGHT}Thus \\boxed{{{answer}}}.", gold)
 
 
 @pytest.mark.parametrize(
@@ -100,15 +124,17 @@ def test_equivalent_forms_are_correct(answer, gold):
     [("0.4", "\\frac{1}{2}"), ("\\frac{1}{3}", "0.5"), ("41", "42"), ("\\sqrt{3}", "\\sqrt{2}"), ("-42", "42")],
 )
 def test_wrong_answers_are_incorrect(answer, gold):
-    assert not is_correct(f"\\boxed{{{answer}}}", gold)
+    assert not is_correct(f"{THOUGHT}\\boxed{{{answer}}}", gold)
 
 
 def test_gold_may_be_a_boxed_solution():
-    assert is_correct("\\boxed{0.75}", "We find that the ratio is $\\boxed{\\frac{3}{4}}$.")
+    assert is_correct(THOUGHT + "\\boxed{0.75}", "We find that the ratio is $\\boxed{\\frac{3}{4}}$.")
 
 
 def test_no_boxed_answer_is_incorrect():
-    assert not is_correct("The answer is 42.", "42")
+    assert not is_correct(THOUGHT + "The answer is 42.", "42")
+    assert not is_correct("\\boxed{42}", "42")  # no end of thinking
+    assert is_correct("\\boxed{42}", "42", think_end=None)
 
 
 @pytest.mark.parametrize(
@@ -119,6 +145,7 @@ def test_no_boxed_answer_is_incorrect():
         (dict(response_text="\\boxed{1}", gold="1", timeout_s=0), "timeout_s"),
         (dict(response_text="\\boxed{1}", gold="1", timeout_s=float("nan")), "timeout_s"),
         (dict(response_text=None, gold="1"), "text"),
+        (dict(response_text="\\boxed{1}", gold="1", think_end=""), "think_end"),
     ],
 )
 def test_is_correct_bad_arguments(kwargs, name):
@@ -127,7 +154,7 @@ def test_is_correct_bad_arguments(kwargs, name):
 
 
 def test_timeout_off_the_main_thread_does_not_hang():
-    is_correct("\\boxed{0.5}", "1/2")  # start a worker first, so only the check is timed
+    is_correct(THOUGHT + "\\boxed{0.5}", "1/2")  # start a worker first, so only the check is timed
     results = []
 
     def check():
@@ -142,22 +169,22 @@ def test_timeout_off_the_main_thread_does_not_hang():
     assert verdict is False
     assert 0.5 <= elapsed < 10
     # The stuck worker was killed and is replaced on demand.
-    assert is_correct("\\boxed{\\frac{1}{2}}", "0.5")
+    assert is_correct(THOUGHT + "\\boxed{\\frac{1}{2}}", "0.5")
 
 
 def test_worker_that_died_while_idle_is_replaced():
-    assert is_correct("\\boxed{\\frac{2}{4}}", "0.5")
-    for verifier in list(rewards._VERIFIERS._idle):
-        verifier._process.kill()
-        verifier._process.wait()
+    assert verify_equal("0.5", "\\frac{2}{4}")
+    for worker in list(verifier._VERIFIERS._idle):
+        worker._process.kill()
+        worker._process.wait()
     # The dead worker costs a retry, not a wrong verdict.
-    assert is_correct("\\boxed{\\frac{2}{4}}", "0.5")
+    assert verify_equal("0.5", "\\frac{2}{4}")
 
 
 def test_shutdown_verifiers_then_reuse():
     shutdown_verifiers()
-    assert rewards._VERIFIERS._idle == []
-    assert is_correct("\\boxed{0.25}", "\\frac14")
+    assert verifier._VERIFIERS._idle == []
+    assert verify_equal("\\frac14", "0.25")
 
 
 # --- reward functions ---------------------------------------------------------------------
@@ -165,25 +192,45 @@ def test_shutdown_verifiers_then_reuse():
 
 def test_length_capped_reward():
     kwargs = dict(truncated=False, response_len=100, budget=8192)
-    assert length_capped_reward("\\boxed{\\frac{1}{2}}", "0.5", **kwargs) == 1.0
-    assert length_capped_reward("\\boxed{3}", "0.5", **kwargs) == 0.0
-    assert length_capped_reward("I think it is 1/2", "0.5", **kwargs) == 0.0
+    assert length_capped_reward(THOUGHT + "\\boxed{\\frac{1}{2}}", "0.5", **kwargs) == 1.0
+    assert length_capped_reward(THOUGHT + "\\boxed{3}", "0.5", **kwargs) == 0.0
+    assert length_capped_reward(THOUGHT + "I think it is 1/2", "0.5", **kwargs) == 0.0
 
 
 def test_truncated_response_scores_zero_under_length_cap():
     # Cut at the budget before (or while) boxing its answer: nothing to extract.
-    for cut in ("Let me compute 1/2 + 0 = ", "so the answer is \\boxed{\\frac{1}{"):
+    for cut in (THOUGHT + "so 1/2 + 0 = ", THOUGHT + "so the answer is \\boxed{\\frac{1}{"):
         assert length_capped_reward(cut, "0.5", truncated=True, response_len=8192, budget=8192) == 0.0
-    # An answer boxed before the cut still counts: the cut, not the flag, decides.
-    boxed_then_cut = "\\boxed{\\frac{1}{2}} Let me double-check this by"
-    assert length_capped_reward(boxed_then_cut, "0.5", truncated=True, response_len=8192, budget=8192) == 1.0
+    # An answer given after the thinking and before the cut still counts: the cut, not the flag, decides.
+    answered_then_cut = THOUGHT + "\\boxed{\\frac{1}{2}} Let me double-check this by"
+    assert length_capped_reward(answered_then_cut, "0.5", truncated=True, response_len=8192, budget=8192) == 1.0
     # Longer than the budget (generated under a larger, earlier budget): 0.
-    assert length_capped_reward("\\boxed{\\frac{1}{2}}", "0.5", truncated=False, response_len=8193, budget=8192) == 0.0
+    assert length_capped_reward(THOUGHT + "\\boxed{\\frac{1}{2}}", "0.5", truncated=False, response_len=8193,
+                                budget=8192) == 0.0
+
+
+# A response that boxes the right answer as a guess inside its thinking and is then cut at
+# the budget: under the old rule (the last box anywhere) it earned 1, which let compression
+# reward unfinished thinking.
+BOXED_IN_THINKING_THEN_CUT = "Try 1/2: is it \\boxed{\\frac{1}{2}}? Check: 2 * 1/2 = 1, and the other root"
+
+
+@pytest.mark.parametrize("name", ["length_capped", "correctness"])
+def test_a_guess_boxed_while_thinking_then_cut_scores_zero(name):
+    kwargs = dict(truncated=True, response_len=8192, budget=8192)
+    assert load_reward_fn(name)(BOXED_IN_THINKING_THEN_CUT, "0.5", **kwargs) == 0.0
+    assert REWARD_FNS[name](BOXED_IN_THINKING_THEN_CUT, "0.5", **kwargs) == 0.0
+    # The same guess after </think> counts; the old rule only by explicit choice.
+    assert load_reward_fn(name)(THOUGHT + "\\boxed{\\frac{1}{2}}", "0.5", **kwargs) == 1.0
+    assert load_reward_fn(name, think_end=None)(BOXED_IN_THINKING_THEN_CUT, "0.5", **kwargs) == 1.0
+    # The marker itself may be cut off: the guess before a partial marker does not count.
+    assert load_reward_fn(name)(BOXED_IN_THINKING_THEN_CUT + "</thi", "0.5", **kwargs) == 0.0
 
 
 def test_correctness_reward_ignores_length():
-    assert correctness_reward("\\boxed{0.5}", "1/2", truncated=True, response_len=10_000, budget=8192) == 1.0
-    assert correctness_reward("\\boxed{0.4}", "1/2", truncated=False, response_len=10, budget=8192) == 0.0
+    assert correctness_reward(THOUGHT + "\\boxed{0.5}", "1/2", truncated=True, response_len=10_000,
+                              budget=8192) == 1.0
+    assert correctness_reward(THOUGHT + "\\boxed{0.4}", "1/2", truncated=False, response_len=10, budget=8192) == 0.0
 
 
 @pytest.mark.parametrize(
@@ -218,8 +265,8 @@ def test_overlong_penalty_bad_arguments(args, name):
 
 def test_with_overlong_penalty_composes():
     reward = with_overlong_penalty(correctness_reward, 200)
-    assert reward("\\boxed{7}", "7", truncated=False, response_len=900, budget=1000) == 0.5
-    assert reward("\\boxed{6}", "7", truncated=False, response_len=100, budget=1000) == 0.0
+    assert reward(THOUGHT + "\\boxed{7}", "7", truncated=False, response_len=900, budget=1000) == 0.5
+    assert reward(THOUGHT + "\\boxed{6}", "7", truncated=False, response_len=100, budget=1000) == 0.0
     assert reward.__name__ == "correctness_reward_with_overlong_penalty"
 
 
@@ -227,9 +274,23 @@ def test_with_overlong_penalty_composes():
 
 
 def test_load_builtin_names():
-    assert load_reward_fn("length_capped") is length_capped_reward
-    assert load_reward_fn("correctness") is correctness_reward
+    for name, fn in (("length_capped", length_capped_reward), ("correctness", correctness_reward)):
+        loaded = load_reward_fn(name, think_end="END", timeout_s=2.5)
+        assert loaded.__name__ == fn.__name__ and (loaded.think_end, loaded.timeout_s) == ("END", 2.5)
+        assert loaded("x END \\boxed{7}", "7", truncated=False, response_len=5, budget=10) == 1.0
     assert load_reward_fn(correctness_reward) is correctness_reward
+    for kwargs, name in ((dict(think_end=""), "think_end"), (dict(timeout_s=0), "timeout_s")):
+        with pytest.raises(ValueError, match=name):
+            load_reward_fn("length_capped", **kwargs)
+
+
+def test_timeout_reaches_the_verifier(monkeypatch):
+    # reward.timeout_s is what one math-verify check may take: the loaded reward passes it on.
+    seen = []
+    monkeypatch.setattr("siri.rewards.verify_equal", lambda gold, answer, timeout_s: seen.append(timeout_s) or True)
+    load_reward_fn("length_capped", timeout_s=0.75)(THOUGHT + "\\boxed{x}", "y", truncated=False, response_len=1,
+                                                     budget=9)
+    assert seen == [0.75]
 
 
 @pytest.mark.parametrize(
@@ -273,7 +334,8 @@ def test_load_errors(spec, message):
 
 
 def test_score_batch_matches_one_by_one():
-    responses = ["\\boxed{\\frac{1}{2}}", "\\boxed{0.3}", "no answer", "\\boxed{7}", "\\boxed{\\sqrt{4}}", "\\boxed{1}"]
+    answers = ("\\boxed{\\frac{1}{2}}", "\\boxed{0.3}", "no answer", "\\boxed{7}", "\\boxed{\\sqrt{4}}", "\\boxed{1}")
+    responses = [THOUGHT + a for a in answers]
     golds = ["0.5", "0.5", "7", "7", "2", "2"]
     truncated = [False, False, True, False, False, True]
     lens = [10, 20, 1000, 990, 30, 1000]
@@ -292,7 +354,7 @@ def test_score_batch_matches_one_by_one():
 def test_score_batch_per_response_budget():
     scores = score_batch(
         length_capped_reward,
-        ["\\boxed{5}"] * 2,
+        [THOUGHT + "\\boxed{5}"] * 2,
         ["5"] * 2,
         truncated=[False] * 2,
         response_lens=[600, 600],
@@ -317,3 +379,75 @@ def test_score_batch_bad_arguments(kwargs, name):
     args.update(kwargs)
     with pytest.raises(ValueError, match=name):
         score_batch(correctness_reward, ["\\boxed{1}", "\\boxed{2}"], **args)
+
+
+def test_score_rollouts_decodes_and_scores_by_prompt():
+    from types import SimpleNamespace
+
+    class Tokenizer:  # ids are characters' code points
+        @staticmethod
+        def batch_decode(ids, skip_special_tokens):
+            assert skip_special_tokens
+            return ["".join(map(chr, row)) for row in ids]
+
+    texts = [THOUGHT + "\\boxed{3}", "\\boxed{3}", THOUGHT + "\\boxed{4}"]
+    rollouts = [SimpleNamespace(response_ids=[ord(c) for c in t], prompt_index=i % 2, truncated=False)
+                for i, t in enumerate(texts)]
+    scores = score_rollouts(load_reward_fn("length_capped"), rollouts, ["3", "4"], Tokenizer(), budget=1000)
+    assert scores == [1.0, 0.0, 0.0]  # the second has no </think>; the third answers prompt 0's "3" with 4
+
+
+# --- the reward keys of a config, as the trainer and `siri eval` read them ------------------
+
+
+def test_config_reward_keys(tmp_path):
+    from siri.config import config_from_dict, load_config
+
+    assert config_from_dict({}).reward.think_end == "</think>"
+    assert config_from_dict({"reward": {"think_end": None}}).reward.think_end is None
+    for values, key in (({"think_end": ""}, "reward.think_end"), ({"timeout_s": 0}, "reward.timeout_s"),
+                        ({"timeout_s": -1.0}, "reward.timeout_s")):
+        with pytest.raises(ValueError, match=key):
+            config_from_dict({"reward": values})
+    shipped = load_config("configs/siri-1.5b.yaml")
+    assert shipped.reward.think_end == "</think>" and shipped.reward.fn == "length_capped"
+
+
+def test_trainer_reads_the_answer_rule_from_the_config(tmp_path):
+    from trainer_fixtures import make_model, make_tokenizer, tiny_overrides
+
+    from siri.config import load_config
+    from siri.trainer import Trainer
+
+    tokenizer = make_tokenizer()
+    for extra, reward_is_accuracy in (({"reward.think_end": "END", "reward.timeout_s": 1.5}, True),
+                                      ({"reward.fn": "correctness", "reward.think_end": "null"}, False)):
+        cfg = load_config(None, tiny_overrides(tmp_path / str(reward_is_accuracy), **extra))
+        trainer = Trainer(cfg, model=make_model(tokenizer), tokenizer=tokenizer, resume=False)
+        try:
+            assert trainer.reward_is_accuracy is reward_is_accuracy
+            for fn in (trainer.reward_fn, trainer.accuracy_fn):
+                assert (fn.think_end, fn.timeout_s) == (cfg.reward.think_end, cfg.reward.timeout_s)
+            assert trainer.accuracy_fn.__name__ == "length_capped_reward"
+        finally:
+            trainer.close()
+
+
+@pytest.mark.parametrize("preset,given,expected", [
+    ("paper", {}, {"budget": 16384, "temperature": 0.6, "k": 64}),
+    ("paper", {"k": 16}, {"budget": 16384, "temperature": 0.6, "k": 16}),  # a flag overrides the preset
+    (None, {"budget": 100}, {"budget": 100, "temperature": 0.6, "k": 4}),
+])
+def test_eval_presets(preset, given, expected):
+    from siri.evaluate import resolve_protocol
+
+    assert resolve_protocol(preset, **{"budget": None, "temperature": None, "k": None, **given}) == expected
+
+
+def test_eval_protocol_errors():
+    from siri.evaluate import resolve_protocol
+
+    with pytest.raises(ValueError, match="budget"):
+        resolve_protocol(None, budget=None, temperature=None, k=None)
+    with pytest.raises(ValueError, match="preset"):
+        resolve_protocol("table-1", budget=None, temperature=None, k=None)

@@ -1,9 +1,10 @@
-"""`siri demo`: interleaved compression on a CPU in minutes, with nothing downloaded.
+"""`siri demo`: SIRI against its baselines on a CPU in minutes, with nothing downloaded.
 
-Stage 1 (`sft`) teaches a tiny Qwen2-architecture model (`model`) a synthetic task
-(`task`: add two digits) from solution traces that re-check their work a
-long-tailed number of times, with a character-level tokenizer (`tokenizer`). Stage 2 runs
-RL from that base model at a constant budget and under SIRI's interleaved budget; `measure`
-scores models the way RL samples them and `plot` draws the curves and the table;
-`run` chains it all into `siri demo`.
+Stage 1 (`sft`) teaches a tiny Qwen2-architecture model (`model`) a synthetic task (`task`:
+add 2 to 4 digits step by step) from traces that re-check their steps a long-tailed number
+of times and repair occasional slips with those checks, with a character-level tokenizer
+(`tokenizer`). Stage 2 runs RL from that base model under four budget schedules and several
+seeds; `measure` scores models on the held-out split the way RL samples them, `report`
+summarises them with confidence intervals and judges the success criteria, `plot` draws
+the curves and the accuracy-length plane; `run` chains it all into `siri demo`.
 """

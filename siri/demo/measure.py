@@ -1,8 +1,9 @@
 """Accuracy and response length of a demo model, sampled the way RL samples.
 
 Rollouts are `model.generate(do_sample=True, max_new_tokens=budget)` at temperature 1.0,
-and an answer counts only if the response, cut at the budget, ends with a correct
-`\\boxed{}`: the paper's length-capped accuracy.
+and an answer counts only if the response, cut at the budget, boxes the correct answer
+after the end of its thinking (`siri.demo.task.check_answer`): the paper's length-capped
+accuracy, the trainer's reward.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
-"""The demo's report: training curves of the two RL runs and a Table-1-style summary.
+"""The demo's plots: training curves of the RL arms, and held-out accuracy against length.
 
 `plot_curves` reads the per-step metrics the trainer logs (one JSON object per line, with
-`step` and the metrics `budget`, `response_len_mean` and `accuracy`) for a constant-budget
-run and a SIRI run, and draws budget, mean response length and accuracy against step.
-`format_table` lays out accuracy and length of `base`, `constant`, `siri_low` and
-`siri_high` the way the paper's Table 1 does, with the length change against the base.
+`step` and the metrics `budget`, `response_len_mean` and `accuracy`) of each arm and draws
+budget, mean response length and training accuracy against step. `plot_pareto` draws the
+held-out accuracy of every measured model against its mean length (SIRI's path low1 ->
+high1 -> ... -> high3 joined by arrows) and, for equal compute, against the rollout tokens
+RL had generated when the checkpoint was written.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import os
 
 from siri.files import write_atomically
 
-__all__ = ["CURVE_METRICS", "TABLE_ROWS", "format_table", "plot_curves", "read_metrics"]
+__all__ = ["CURVE_METRICS", "plot_curves", "plot_pareto", "read_metrics"]
 
 # (metric key in the trainer's log, axis label), top panel to bottom.
 CURVE_METRICS = (
@@ -22,10 +23,6 @@ CURVE_METRICS = (
     ("response_len_mean", "mean response length (tokens)"),
     ("accuracy", "accuracy"),
 )
-
-# The rows of the demo's table, in the paper's order: the SFT model, RL at a constant long
-# budget, and SIRI at the end of its last compression (low) and expansion (high).
-TABLE_ROWS = ("base", "constant", "siri_low", "siri_high")
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
@@ -43,19 +40,24 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     return sorted(records, key=lambda r: r["step"])
 
 
-def plot_curves(runs: dict[str, str | os.PathLike | list[dict]], path: str | os.PathLike) -> None:
-    """Draw `CURVE_METRICS` against step for each run into the PNG `path`.
-
-    `runs` maps a run's label ("constant", "SIRI") to its metrics jsonl file or to records
-    as `read_metrics` returns them. A run lacking a metric is left out of that panel.
-    """
+def _pyplot():
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as error:
-        raise ImportError("drawing the curves needs matplotlib: pip install matplotlib") from error
+        raise ImportError("drawing the demo's plots needs matplotlib: pip install matplotlib") from error
+    return plt
+
+
+def plot_curves(runs: dict[str, str | os.PathLike | list[dict]], path: str | os.PathLike) -> None:
+    """Draw `CURVE_METRICS` against step for each run into the PNG `path`.
+
+    `runs` maps a run's label ("constant_long", "siri") to its metrics jsonl file or to
+    records as `read_metrics` returns them. A run lacking a metric is left out of that panel.
+    """
+    plt = _pyplot()
     loaded = {label: source if isinstance(source, list) else read_metrics(source) for label, source in runs.items()}
     fig, axes = plt.subplots(len(CURVE_METRICS), 1, figsize=(7, 2.4 * len(CURVE_METRICS)), sharex=True)
     for ax, (key, label) in zip(axes, CURVE_METRICS):
@@ -74,23 +76,42 @@ def plot_curves(runs: dict[str, str | os.PathLike | list[dict]], path: str | os.
     plt.close(fig)
 
 
-def format_table(results: dict[str, dict]) -> str:
-    """A Table-1-style text table: one row per model, accuracy (%), mean length, change in length.
-
-    `results` maps a row name to `{"acc": accuracy in [0, 1], "len": mean response tokens}`.
-    Rows come in `TABLE_ROWS` order, then any others; a missing `TABLE_ROWS` entry is
-    skipped. The length change is against `base` when it is present.
-    """
-    names = [n for n in TABLE_ROWS if n in results] + [n for n in results if n not in TABLE_ROWS]
-    base_len = results["base"]["len"] if "base" in results else None
-    header = ["model", "acc (%)", "len (tokens)", "len vs base"]
-    rows = []
-    for name in names:
-        acc, length = results[name]["acc"], results[name]["len"]
-        change = f"{100 * (length / base_len - 1):+.0f}%" if base_len else "-"
-        rows.append([name, f"{100 * acc:.1f}", f"{length:.1f}", change])
-    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in rows]
-    return "\n".join(lines)
+def plot_pareto(summary: dict, path: str | os.PathLike) -> None:
+    """Two panels into the PNG `path`: held-out accuracy against mean length, and against RL
+    rollout tokens generated (equal compute). `summary` is `siri.demo.report.summarise`'s:
+    per model its `arm`, `checkpoint`, `acc`, `acc_ci`, `len`, `len_ci`, `tokens`, `step`."""
+    plt = _pyplot()
+    arms = list(dict.fromkeys(entry["arm"] for entry in summary.values()))
+    colors = {arm: f"C{i}" for i, arm in enumerate(arms)}
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    for arm in arms:
+        entries = sorted((e for e in summary.values() if e["arm"] == arm), key=lambda e: e["step"])
+        for e in entries:
+            left.errorbar(e["len"], 100 * e["acc"], xerr=[[e["len"] - e["len_ci"][0]], [e["len_ci"][1] - e["len"]]],
+                          yerr=[[100 * (e["acc"] - e["acc_ci"][0])], [100 * (e["acc_ci"][1] - e["acc"])]],
+                          fmt="o", color=colors[arm], ms=4, elinewidth=0.6, capsize=2)
+            left.annotate(e["checkpoint"] if arm != "base" else "base", (e["len"], 100 * e["acc"]),
+                          textcoords="offset points", xytext=(4, 3), fontsize=7, color=colors[arm])
+        if arm == "siri":  # the low1 -> high1 -> ... -> high3 path
+            for a, b in zip(entries, entries[1:]):
+                left.annotate("", xy=(b["len"], 100 * b["acc"]), xytext=(a["len"], 100 * a["acc"]),
+                              arrowprops={"arrowstyle": "->", "color": colors[arm], "lw": 1.0})
+        left.plot([], [], "o", color=colors[arm], label=arm)
+        if arm != "base":
+            right.plot([e["tokens"] / 1000 for e in entries], [100 * e["acc"] for e in entries], "o-",
+                       color=colors[arm], label=arm, ms=4)
+    base = summary.get("base")
+    if base is not None:
+        right.axhline(100 * base["acc"], color=colors["base"], ls=":", label="base")
+    left.set_xlabel("mean response length on held-out problems (tokens)")
+    left.set_ylabel("held-out accuracy (%)")
+    left.set_title("accuracy against length (SIRI's path drawn)")
+    right.set_xlabel("rollout tokens generated by RL so far (thousands)")
+    right.set_ylabel("held-out accuracy (%)")
+    right.set_title("equal compute: accuracy against tokens generated")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)

@@ -1,24 +1,23 @@
-"""`siri demo`: the whole SIRI experiment, scaled down to a CPU and a few minutes.
+"""`siri demo`: the SIRI experiment with its baselines, scaled down to a CPU and minutes.
 
-Stage 1 trains the base model (`siri.demo.sft`): it sums two digits and re-checks its step a
-long-tailed number of times. Stage 2 runs the real `siri.trainer.Trainer` (HF rollout
-engine, packed varlen micro-batches, the fused policy-loss kernels, float32 on the CPU)
-twice from that base, with the same seed, number of steps and length-capping reward:
+Stage 1 trains the base model (`siri.demo.sft`): it adds 2 to 4 digits step by step,
+re-checks its steps a long-tailed number of times, and repairs its slips with those checks
+(`siri.demo.task`). Stage 2 runs the real `siri.trainer.Trainer` (HF rollout engine, packed
+varlen micro-batches, the fused policy-loss kernels, the length-capping reward read after
+``</think>``, several optimizer steps per rollout batch so the clip acts) from that base,
+for every arm and every seed, the same number of steps and everything else equal:
 
-* ``constant``: the budget stays at L_max;
+* ``constant_long``: the budget stays at L_max;
+* ``constant_short``: the budget stays at L_min;
+* ``staged``: L_min for the first half, L_max for the second (DeepScaleR's short-then-long);
 * ``siri``: SIRI's cosine budget between L_max and L_min, three cycles.
 
-All four models (base, constant, SIRI-low = the trainer's third "low" checkpoint, SIRI-high
-= the end of the third cycle) are then measured the same way: `siri.demo.measure`, k
-temperature-1 samples of every problem at the long budget L_max. The output folder gets
-
-* ``results.json``: per model ``acc`` (0-1), ``len`` (mean response tokens) and more;
-* ``curves.png``: budget, mean response length and accuracy against step, both runs;
-* ``constant/metrics.jsonl`` and ``siri/metrics.jsonl``: the trainers' per-step metrics;
-* ``base/`` and the runs' ``checkpoints/``: Hugging Face model directories;
-
-and the Table-1-style table is printed. ``quick`` runs every stage with tiny sizes so that
-the same files appear within a few minutes; its numbers show nothing.
+Stage 3 measures every model the same way (`siri.demo.measure`) on the held-out test
+split, which no SFT trace and no RL prompt contains: the base, every arm's checkpoint at the
+end of each cycle, and SIRI's every low and high checkpoint. All at the long budget,
+temperature 1. The output folder gets `results.json` (per seed and pooled, per level, with
+95% confidence intervals, tokens generated, the verdict on each success criterion),
+`pareto.png`, `curves.png`, the table on stdout, and each run's metrics and checkpoints.
 """
 
 from __future__ import annotations
@@ -33,107 +32,128 @@ import torch
 from siri.checkpoint import list_checkpoints
 from siri.demo.measure import measure
 from siri.demo.model import ModelSize
-from siri.demo.plot import format_table, plot_curves, read_metrics
+from siri.demo.plot import plot_curves, plot_pareto, read_metrics
+from siri.demo.report import format_report, judge, summarise
 from siri.demo.sft import SFTConfig, build_base_model
-from siri.demo.task import TaskConfig, all_problems
+from siri.demo.task import THINK_END, TaskConfig, level_of, make_problems
 from siri.errors import UserError
 from siri.files import write_json_atomically
 from siri.models import load_model
 from siri.tracking import METRICS_FILE
 
-__all__ = ["FULL", "QUICK", "DemoConfig", "find_checkpoint", "rl_config", "run_demo"]
+__all__ = ["ARMS", "FULL", "QUICK", "DEFAULT", "DemoConfig", "arm_checkpoints", "rl_config", "run_demo"]
 
-RUNS = ("constant", "siri")
+ARMS = ("constant_long", "constant_short", "staged", "siri")
 CPU = torch.device("cpu")
+# The evaluation set is drawn once, with its own seed, the same for every model.
+EVAL_SEED = 12345
 
 
 @dataclass(frozen=True)
 class DemoConfig:
     """Sizes of one demo run.
 
-    Budgets are set against the trace lengths of the task (`TaskConfig`): a two-term trace
-    is about 18 tokens with no check (``7+5=12``, ``\\boxed{12}``, EOS) plus 13 per
-    ``check 7+5=12`` line. L_min = 32 fits at most one check, so at the bottom of a
-    compression half only answers that dropped their re-checks are rewarded (the base model
-    writes about two on average); L_max = 256 fits the longest SFT trace (16 checks, 226
-    tokens), so at the long budget the base model is almost never cut.
+    Budgets are set against the trace lengths of the task (`TaskConfig`): without any check
+    a 2-term solution takes about 18 tokens, a 3-term one 26 and a 4-term one 34 (the answer
+    part, ``</think>\\boxed{NN}`` and EOS, is 12 of them); a check adds 8 or 9. L_min = 28
+    leaves room for the necessary steps of a 3-term sum but not of a 4-term one, and for
+    almost no check; L_max = 80 fits the longest SFT trace (71). SFT traces average 37.
     """
 
     task: TaskConfig = field(default_factory=TaskConfig)
     size: ModelSize = field(default_factory=ModelSize)
     sft: SFTConfig = field(default_factory=SFTConfig)
-    l_max: int = 256
-    l_min: int = 32
-    period: int = 20  # steps per compression-expansion cycle
-    cycles: int = 3  # the paper's three cycles; the constant run gets as many steps
+    l_max: int = 80
+    l_min: int = 28
+    period: int = 10  # steps per compression-expansion cycle
+    cycles: int = 3  # the paper's three cycles; every arm gets as many steps
     prompts_per_step: int = 16
     n: int = 8  # rollouts per prompt (the GRPO group)
+    mini_batches: int = 2  # optimizer steps per rollout batch: the ratio leaves 1, so the clip acts
     lr: float = 2e-4
     # Packed tokens per micro-batch. On the CPU the packed attention is dense over a
     # micro-batch, so its cost grows with the square of this; 2048 keeps it small.
     max_tokens_per_micro_batch: int = 2048
-    eval_samples: int = 8  # samples of every problem when measuring a model
-    seed: int = 0
+    train_problems: int = 2048  # RL prompts, drawn from the train split
+    eval_per_level: int = 64  # held-out problems of each level
+    eval_samples: int = 1  # samples of every held-out problem per model
+    seeds: tuple[int, ...] = (0, 1)  # RL seeds; every seed starts from the same base model
 
     @property
     def rl_steps(self) -> int:
         return self.period * self.cycles
 
 
-FULL = DemoConfig(sft=SFTConfig(steps=600))
+DEFAULT = DemoConfig(sft=SFTConfig(steps=1000))
+FULL = DemoConfig(sft=SFTConfig(steps=1000), seeds=(0, 1, 2, 3, 4), eval_samples=2)
 
 # Every stage runs, on a smaller model with fewer steps: it writes the same files, to check
 # the pipeline, and its numbers are not meant to show anything.
 QUICK = DemoConfig(
-    size=ModelSize(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                   intermediate_size=192),
-    sft=SFTConfig(steps=60, lr=4e-3, warmup_steps=10, bucket_batches=4),
-    l_max=96, l_min=24, period=4, prompts_per_step=4, n=4, eval_samples=1,
+    size=ModelSize(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                   intermediate_size=128),
+    sft=SFTConfig(steps=20, batch_size=8, lr=4e-3, warmup_steps=5, bucket_batches=2),
+    l_max=32, l_min=16, period=2, cycles=3, prompts_per_step=2, n=2, train_problems=16, eval_per_level=2,
+    seeds=(0,),
 )
 
 
-def rl_config(demo: DemoConfig, run: str, output_dir: str, *, progress: bool = True):
-    """The `TrainConfig` of one RL run: "constant" (budget L_max) or "siri" (cosine).
+def _schedule(demo: DemoConfig, arm: str) -> dict:
+    if arm == "constant_long":
+        return {"kind": "constant", "length": demo.l_max}
+    if arm == "constant_short":
+        return {"kind": "constant", "length": demo.l_min}
+    if arm == "staged":
+        return {"kind": "staged", "stages": [[0, demo.l_min], [demo.rl_steps // 2, demo.l_max]]}
+    if arm == "siri":
+        return {"kind": "cosine", "l_max": demo.l_max, "l_min": demo.l_min, "period": demo.period}
+    raise ValueError(f"arm must be one of {ARMS}, got {arm!r}")
 
-    Everything but the schedule is the same in both runs, seed included. Checkpoints:
-    `checkpoint.every` lies past the end, so only the schedule's "low"/"high" ones and the
-    final one are written.
+
+def rl_config(demo: DemoConfig, arm: str, output_dir: str, *, seed: int = 0, progress: bool = True):
+    """The `TrainConfig` of one RL run of `arm` (one of `ARMS`) with RL seed `seed`.
+
+    Everything but the schedule is the same in every arm. Checkpoints: one at the end of
+    every cycle (`checkpoint.every` = period, all kept), and SIRI's low / high ones.
     """
     from siri.config import config_from_dict
 
-    if run not in RUNS:
-        raise ValueError(f"run must be one of {RUNS}, got {run!r}")
-    schedule = ({"kind": "constant", "length": demo.l_max} if run == "constant"
-                else {"kind": "cosine", "l_max": demo.l_max, "l_min": demo.l_min, "period": demo.period})
     return config_from_dict({
         "model": {"dtype": "float32"},
         "data": {"use_chat_template": False},
-        "schedule": schedule,
+        "schedule": _schedule(demo, arm),
         "rollout": {"engine": "hf", "n": demo.n, "temperature": 1.0,
                     "generation_batch_size": demo.prompts_per_step},
-        "reward": {"fn": "length_capped"},
-        "algorithm": {"max_tokens_per_micro_batch": demo.max_tokens_per_micro_batch},
+        "reward": {"fn": "length_capped", "think_end": THINK_END},
+        "algorithm": {"max_tokens_per_micro_batch": demo.max_tokens_per_micro_batch,
+                      "mini_batches": demo.mini_batches},
         "optim": {"lr": demo.lr},
-        "checkpoint": {"every": demo.rl_steps + 1},
+        "checkpoint": {"every": demo.period, "keep_last": demo.cycles},
         "logging": {"progress": progress},
         "prompts_per_step": demo.prompts_per_step,
         "total_steps": demo.rl_steps,
-        "seed": demo.seed,
+        "seed": seed,
         "output_dir": output_dir,
         "device": "cpu",
     })
 
 
-def find_checkpoint(run_dir: str, tag: str, occurrence: int = -1) -> str:
-    """The `policy/` directory of the `occurrence`-th checkpoint tagged `tag` ("low", "high",
-    "final") under `run_dir`, counted in step order (-1: the last)."""
-    from siri.checkpoint import POLICY_DIR, list_checkpoints, parse_checkpoint_name
+def arm_checkpoints(run_dir: str) -> list[tuple[str, int, str]]:
+    """(name, step, policy directory) of the checkpoints of one run worth measuring, in step
+    order: "low1", "high1", ... for SIRI's tags, "step10", "step20", ... for the others
+    (the end of every cycle, counted in steps done)."""
+    from siri.checkpoint import POLICY_DIR, parse_checkpoint_name
 
-    # Complete checkpoints only: a torn one (killed mid-save) is never evaluated.
-    found = [path for path in list_checkpoints(run_dir) if parse_checkpoint_name(os.path.basename(path))[1] == tag]
-    if not found or not -len(found) <= occurrence < len(found):
-        raise FileNotFoundError(f"{run_dir}: no {tag!r} checkpoint number {occurrence} (found {len(found)})")
-    return os.path.join(found[occurrence], POLICY_DIR)
+    found, counts = [], {"low": 0, "high": 0}
+    for path in list_checkpoints(run_dir):  # complete ones only: a torn one is never measured
+        step, tag = parse_checkpoint_name(os.path.basename(path))
+        if tag in counts:
+            counts[tag] += 1
+            name = f"{tag}{counts[tag]}"
+        else:
+            name = f"step{step + 1}"
+        found.append((name, step, os.path.join(path, POLICY_DIR)))
+    return found
 
 
 def _print(line: str) -> None:
@@ -141,23 +161,38 @@ def _print(line: str) -> None:
     print(line, flush=True)
 
 
-def run_demo(out_dir: str | os.PathLike, quick: bool = False, *, demo: DemoConfig | None = None,
+def run_demo(out_dir: str | os.PathLike, quick: bool = False, *, full: bool = False, demo: DemoConfig | None = None,
              log: Callable[[str], None] = _print) -> dict:
-    """Run both stages into `out_dir`, print the table; returns what `results.json` holds.
+    """Run every stage into `out_dir`, print the report; returns what `results.json` holds.
 
-    `demo` overrides the sizes (`FULL`, or `QUICK` when `quick`). `log` gets one line per
-    stage and per SFT progress report; the trainers print their own per-step lines.
+    `demo` overrides the sizes (`DEFAULT`; `QUICK` with `quick`, `FULL` with `full`). `log`
+    gets one line per stage and per measurement; the trainers print their own per-step lines.
     """
+    if quick and full:
+        raise ValueError("quick and full: choose one")
+    demo = demo or (QUICK if quick else FULL if full else DEFAULT)
+    out_dir = os.fspath(out_dir)
+    for seed in demo.seeds:  # checked before stage 1: the trainer never starts over a saved run
+        for arm in ARMS:
+            saved = list_checkpoints(os.path.join(out_dir, f"seed{seed}", arm))
+            if saved:
+                raise UserError(f"out_dir {out_dir!r} holds the checkpoints of an earlier demo ({saved[-1]}): "
+                                "give a new folder, or remove that one first")
+    os.makedirs(out_dir, exist_ok=True)
+    threads = torch.get_num_threads()
+    # One thread: the tiny model's matrices are too small for a second thread to pay, and on
+    # a machine whose cores are shared, a second thread spin-waits for the descheduled one
+    # (an SFT step took ten times longer with two threads than with one on a loaded 2-core machine).
+    torch.set_num_threads(1)
+    try:
+        return _run(out_dir, demo, quick, full, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(out_dir: str, demo: DemoConfig, quick: bool, full: bool, log: Callable[[str], None]) -> dict:
     from siri.trainer import train
 
-    demo = demo or (QUICK if quick else FULL)
-    out_dir = os.fspath(out_dir)
-    for run in RUNS:  # checked before stage 1: the trainer never starts over a saved run
-        saved = list_checkpoints(os.path.join(out_dir, run))
-        if saved:
-            raise UserError(f"out_dir {out_dir!r} holds the checkpoints of an earlier demo ({saved[-1]}): "
-                            "give a new folder, or remove that one first")
-    os.makedirs(out_dir, exist_ok=True)
     started = time.perf_counter()
 
     def clock() -> str:
@@ -168,58 +203,58 @@ def run_demo(out_dir: str | os.PathLike, quick: bool = False, *, demo: DemoConfi
     model, tokenizer, _ = build_base_model(
         base_dir, size=demo.size, sft=demo.sft, task=demo.task,
         log=lambda step, loss, elapsed: log(f"{clock()}   sft step {step + 1}/{demo.sft.steps} loss {loss:.3f}"))
-    # The RL prompts and the evaluation set: with `task.hold_out` off (the default) both are
-    # the whole task distribution, every sum once; with it on, RL practises on "train" and
-    # models are measured on "test".
-    train_problems = all_problems(tokenizer, demo.task, split="train")
-    eval_problems = all_problems(tokenizer, demo.task, split="test")
+    train_problems = make_problems(demo.train_problems, seed=0, tokenizer=tokenizer, cfg=demo.task, split="train")
+    eval_problems = make_problems(demo.eval_per_level, seed=EVAL_SEED, tokenizer=tokenizer, cfg=demo.task,
+                                  split="test", per_level=True)
+    levels = [level_of(eval_problems[i]) for i in range(len(eval_problems))] * demo.eval_samples
 
-    def evaluate(name: str, model) -> dict:
-        m = measure(model, tokenizer, eval_problems, demo.l_max, samples_per_problem=demo.eval_samples,
-                    seed=demo.seed)
-        summary = m.summary()
-        log(f"{clock()} {name}: acc {100 * summary['acc']:.1f}%  len {summary['len']:.1f}  "
-            f"(median {summary['len_median']:.0f}, p90 {summary['len_p90']:.0f}, "
-            f"truncated {100 * summary['truncation_rate']:.1f}%)")
-        return summary
+    def evaluate(label: str, model) -> dict:
+        m = measure(model, tokenizer, eval_problems, demo.l_max, samples_per_problem=demo.eval_samples, seed=0)
+        log(f"{clock()} {label}: acc {100 * m.acc:.1f}%  len {m.mean_len:.1f}  "
+            f"(truncated {100 * sum(m.truncated) / len(m.truncated):.1f}%)")
+        return {"correct": m.correct, "lengths": m.lengths, "levels": levels}
 
-    results: dict = {"base": {**evaluate("base", model), "path": os.path.relpath(base_dir, out_dir)}}
+    # measured[arm][checkpoint][seed]: the base model is one, shared by every seed.
+    measured: dict = {"base": {"base": {"shared": evaluate("base", model)}}}
     del model
 
-    for run in RUNS:
-        run_dir = os.path.join(out_dir, run)
-        cfg = rl_config(demo, run, run_dir)
-        log(f"{clock()} stage 2 ({run}): {demo.rl_steps} RL steps, budget "
-            + (f"{demo.l_max}" if run == "constant" else f"cosine {demo.l_max} -> {demo.l_min}, period {demo.period}"))
-        policy, _ = load_model(base_dir, CPU, "float32")  # every run starts from the same base weights
-        train(cfg, model=policy, tokenizer=tokenizer, train_problems=train_problems, resume=False)
-        del policy
+    runs: dict = {}
+    for seed in demo.seeds:
+        for arm in ARMS:
+            run_dir = os.path.join(out_dir, f"seed{seed}", arm)
+            cfg = rl_config(demo, arm, run_dir, seed=seed)
+            log(f"{clock()} stage 2, seed {seed}, {arm}: {demo.rl_steps} RL steps, {cfg.schedule.kind} budget")
+            policy, _ = load_model(base_dir, CPU, "float32")  # every run starts from the same base weights
+            train(cfg, model=policy, tokenizer=tokenizer, train_problems=train_problems, resume=False)
+            del policy
+            records = read_metrics(os.path.join(run_dir, METRICS_FILE))
+            runs.setdefault(arm, {})[seed] = {"dir": run_dir, "records": records}
+            for name, step, path in arm_checkpoints(run_dir):
+                policy, _ = load_model(path, CPU, "float32")
+                result = evaluate(f"seed {seed} {arm} {name}", policy)
+                # The rollout tokens this run had generated when the checkpoint was written.
+                result["tokens"] = sum(r["response_len_mean"] * demo.prompts_per_step * demo.n
+                                       for r in records if r["step"] <= step)
+                result["step"] = step + 1
+                measured.setdefault(arm, {}).setdefault(name, {})[seed] = result
+                del policy
 
-    log(f"{clock()} measuring the RL checkpoints at budget {demo.l_max}")
-    checkpoints = {
-        "constant": find_checkpoint(os.path.join(out_dir, "constant"), "final"),
-        "siri_low": find_checkpoint(os.path.join(out_dir, "siri"), "low", demo.cycles - 1),
-        "siri_high": find_checkpoint(os.path.join(out_dir, "siri"), "high", demo.cycles - 1),
-    }
-    for name, path in checkpoints.items():
-        model, _ = load_model(path, CPU, "float32")
-        results[name] = {**evaluate(name, model), "path": os.path.relpath(path, out_dir)}
-        del model
-
-    metrics = {run: os.path.join(out_dir, run, METRICS_FILE) for run in RUNS}
-    records = {run: read_metrics(path) for run, path in metrics.items()}
-    plot_curves({"constant": records["constant"], "SIRI": records["siri"]}, os.path.join(out_dir, "curves.png"))
+    summary = summarise(measured, demo)
+    verdicts = judge(summary, demo)
+    plot_pareto(summary, os.path.join(out_dir, "pareto.png"))
+    plot_curves({arm: runs[arm][demo.seeds[0]]["records"] for arm in ARMS}, os.path.join(out_dir, "curves.png"))
     report = {
-        **results,
-        "config": {**asdict(demo), "quick": quick, "rl_steps": demo.rl_steps,
-                   "eval": {"problems": len(eval_problems), "samples_per_problem": demo.eval_samples,
-                            "budget": demo.l_max, "held_out": demo.task.hold_out}},
-        "metrics": {run: os.path.relpath(path, out_dir) for run, path in metrics.items()},
-        "rl_final_step": {run: rows[-1] for run, rows in records.items()},
+        "summary": summary,
+        "criteria": verdicts,
+        "config": {**asdict(demo), "quick": quick, "full": full, "rl_steps": demo.rl_steps,
+                   "eval": {"problems_per_level": demo.eval_per_level, "samples_per_problem": demo.eval_samples,
+                            "budget": demo.l_max, "temperature": 1.0, "split": "test", "levels": demo.task.levels}},
+        "metrics": {arm: {str(seed): os.path.relpath(os.path.join(run["dir"], METRICS_FILE), out_dir)
+                          for seed, run in by_seed.items()} for arm, by_seed in runs.items()},
         "wall_s": time.perf_counter() - started,
     }
     write_json_atomically(os.path.join(out_dir, "results.json"), report, indent=2)
-    log(f"{clock()} done; measured at budget {demo.l_max}, {demo.eval_samples} samples of each of "
-        f"{len(eval_problems)} problems")
-    log(format_table({name: results[name] for name in ("base", "constant", "siri_low", "siri_high")}))
+    log(f"{clock()} done; held-out test split, {demo.eval_per_level} problems per level x {demo.eval_samples} "
+        f"sample(s), budget {demo.l_max}, {len(demo.seeds)} seeds")
+    log(format_report(summary, verdicts))
     return report

@@ -1,45 +1,39 @@
-"""The demo's synthetic reasoning task: add up a list of numbers, with redundant re-checking.
+"""The demo's synthetic reasoning task: add up a list of digits, step by step, with re-checks.
 
-A problem is a sum to compute; its prompt is raw text::
+A problem is a sum of k distinct digits (k, the number of terms, is its difficulty level);
+its prompt is raw text::
 
     Q: 3+8+7+2=?
 
-A solution trace writes the running sums one step per line, then the boxed answer::
+A solution trace writes the running sum one step per line, ends its thinking with the
+`THINK_END` token, then boxes the answer::
 
     3+8=11
-    check 3+8=11
-    11+7=18
+    11+7=19
+    =11+7=18
     18+2=20
-    \\boxed{20}
+    </think>\\boxed{20}
 
-The `check` lines are the redundancy: each restates the step right above it, like a
-reasoning model re-verifying work it already did. They never change the result, so a trace
-with none is as correct as one with ten, and short and long correct solutions coexist —
-what interleaved compression needs in order to cut length without cutting accuracy. The
-number of checks in a trace is geometric (long-tailed lengths): most traces re-check a
-little, a few re-check a lot. A check restates the latest step rather than an arbitrary
-earlier one so that the next step always continues from the last result written; the task
-stays easy for a tiny model while the redundancy is still pure overhead.
+Why the trade-off between length and accuracy is real here:
 
-The demo's default (`TaskConfig()`) is the easiest case, two distinct one-digit terms::
+* the steps are the necessary reasoning: the tiny model cannot add k digits in one forward
+  pass, so a response cut before its chain is done can only guess, and a short budget
+  hurts most at the largest k;
+* the ``=`` lines are the redundancy of a reasoning model's thinking: each re-does the step
+  above it. Most of them confirm a right step (pure overhead), but the traces also hold
+  slips (a step with a wrong sum, at rate `TaskConfig.slip_rate`), and a slip is always
+  followed by its ``=`` line with the right sum, from which the chain goes on. A check is
+  only sometimes useful: it is how the base model repairs its slips;
+* the problem space (ordered lists of 2 to 4 distinct digits: 3,600 problems) is large
+  enough that a fixed hash of the prompt holds one problem in `TEST_FRACTION` out of SFT
+  and RL for evaluation.
 
-    Q: 7+5=?
-    7+5=12
-    check 7+5=12
-    \\boxed{12}
-
-which the tiny model learns to about 98% in a few minutes of SFT; sums of three or four
-terms remain available (`TaskConfig(min_terms=3, max_terms=4)`) but it reached only ~53% on
-them. The two-term space has 72 problems, too few to hold some out, so by default
-evaluation covers the whole task distribution (`TaskConfig.hold_out`).
-
-The answer is always the last `\\boxed{N}`, which is what `siri.rewards` extracts.
-Everything here is seeded and deterministic: the same seed gives the same corpus.
+The answer is read after `THINK_END` only (DeepScaleR's rule, `siri.rewards`); sums are
+integers, so a verdict never needs math-verify's worker. Everything is seeded.
 """
 
 from __future__ import annotations
 
-import itertools
 import random
 import zlib
 from dataclasses import dataclass
@@ -47,43 +41,38 @@ from dataclasses import dataclass
 from siri.data import Problem  # the trainer's record, re-exported for the demo's users
 from siri.rewards import is_correct
 
-__all__ = ["SPLITS", "TEST_FRACTION", "DemoDataset", "Problem", "TaskConfig", "Trace", "all_problems", "check_answer",
-           "make_problems", "make_traces", "sample_trace"]
+__all__ = ["SPLITS", "TEST_FRACTION", "THINK_END", "DemoDataset", "Problem", "TaskConfig", "Trace", "check_answer",
+           "level_of", "make_problems", "make_traces", "sample_trace", "split_of"]
 
-# One problem in TEST_FRACTION belongs to the held-out "test" split (see `_split_of`).
+# One problem in TEST_FRACTION belongs to the held-out "test" split (see `split_of`).
 TEST_FRACTION = 8
 SPLITS = ("train", "test")
+# The end of the thinking; the demo's tokenizer holds it as one token.
+THINK_END = "</think>"
 
 
 @dataclass(frozen=True)
 class TaskConfig:
-    """How problems and traces are drawn.
+    """How problems and traces are drawn (sized for the tiny CPU model of `siri.demo.model`)."""
 
-    The defaults are sized for the tiny CPU model of `siri.demo.model`: operands small
-    enough that its additions are reliable, and traces of a few dozen to a few hundred
-    characters.
-    """
-
-    # Two terms: with three or four, the ~1M-parameter model reached only ~53% after minutes of
-    # SFT (it lost track of which term comes next); a two-term sum it learns to about 98%.
-    min_terms: int = 2
-    max_terms: int = 2
-    max_value: int = 9  # operands are distinct numbers drawn from 1..max_value
-    mean_checks: float = 5.0  # mean of the geometric number of check lines per trace
-    max_checks: int = 16  # cap, so that every SFT trace fits the long budget
-    # Whether one problem in TEST_FRACTION is kept out of SFT and RL for evaluation. The
-    # two-term space holds only 72 sums, too few to split (about 9 held out, and a model of
-    # this size does not generalise addition facts it never saw), so the demo evaluates on
-    # the whole task distribution instead, and says so.
-    hold_out: bool = False
+    min_terms: int = 2  # the difficulty levels are min_terms..max_terms
+    max_terms: int = 4
+    max_value: int = 9  # terms are distinct digits 1..max_value
+    slip_rate: float = 0.05  # chance that a step of an SFT trace has a wrong sum (then corrected)
+    check_rate: float = 0.7  # mean number of confirming `=` lines after a right step (geometric)
+    max_checks: int = 4  # cap per trace, confirming and correcting, so every SFT trace fits the long budget
 
     def __post_init__(self) -> None:
-        if not 2 <= self.min_terms <= self.max_terms:
-            raise ValueError(f"need 2 <= min_terms <= max_terms, got {self.min_terms}, {self.max_terms}")
-        if self.max_value < self.max_terms:
-            raise ValueError(f"max_value must be >= max_terms (terms are distinct), got {self.max_value}")
-        if self.mean_checks < 0 or self.max_checks < 0:
-            raise ValueError(f"mean_checks and max_checks must be >= 0, got {self.mean_checks}, {self.max_checks}")
+        if not 2 <= self.min_terms <= self.max_terms <= self.max_value <= 9:
+            raise ValueError(f"need 2 <= min_terms <= max_terms <= max_value <= 9 (distinct digits), got "
+                             f"{self.min_terms}, {self.max_terms}, {self.max_value}")
+        if not 0 <= self.slip_rate < 1 or self.check_rate < 0 or self.max_checks < 0:
+            raise ValueError(f"need 0 <= slip_rate < 1, check_rate >= 0, max_checks >= 0, got "
+                             f"{self.slip_rate}, {self.check_rate}, {self.max_checks}")
+
+    @property
+    def levels(self) -> tuple[int, ...]:
+        return tuple(range(self.min_terms, self.max_terms + 1))
 
 
 @dataclass(frozen=True)
@@ -93,7 +82,9 @@ class Trace:
     prompt_text: str
     response_text: str
     answer: str
-    checks: int  # redundant lines in `response_text`
+    terms: int
+    checks: int  # `=` lines in `response_text`, confirming and correcting
+    slips: int  # steps with a wrong sum (each corrected by the `=` line after it)
 
 
 class DemoDataset:
@@ -113,79 +104,79 @@ def _prompt(terms: list[int]) -> str:
     return "Q: " + "+".join(map(str, terms)) + "=?\n"
 
 
-def _split_of(prompt: str) -> str:
-    """"test" for one problem in `TEST_FRACTION`, "train" for the others.
-
-    The problem space is small (72 sums with the default config), so seeds alone
-    would not keep evaluation problems out of the SFT corpus; a fixed hash of the prompt
-    does. crc32, not `hash`, which Python salts per process.
-    """
+def split_of(prompt: str) -> str:
+    """"test" for one prompt in `TEST_FRACTION`, "train" for the others (crc32: not salted per process)."""
     return "test" if zlib.crc32(prompt.encode()) % TEST_FRACTION == 0 else "train"
 
 
-def _sample_terms(rng: random.Random, cfg: TaskConfig, split: str) -> list[int]:
+def level_of(problem: Problem) -> int:
+    """The difficulty level of a problem: its number of terms, read back from its prompt."""
+    return problem.prompt_text.count("+") + 1
+
+
+def _sample_terms(rng: random.Random, cfg: TaskConfig, split: str, count: int | None = None) -> list[int]:
     while True:
         # Distinct terms: the model finds the next term by looking up the one it added last
         # in the prompt, which a repeated term would make ambiguous.
-        terms = rng.sample(range(1, cfg.max_value + 1), rng.randint(cfg.min_terms, cfg.max_terms))
-        if not cfg.hold_out or _split_of(_prompt(terms)) == split:
+        terms = rng.sample(range(1, cfg.max_value + 1),
+                           count if count is not None else rng.randint(cfg.min_terms, cfg.max_terms))
+        if split_of(_prompt(terms)) == split:
             return terms
 
 
-def _geometric(rng: random.Random, mean: float, cap: int) -> int:
-    """A draw of a geometric variable on {0, 1, ...} with the given mean, capped."""
-    if mean == 0:
-        return 0
+def _geometric(rng: random.Random, mean: float) -> int:
+    """A draw of a geometric variable on {0, 1, ...} with the given mean."""
     stop = 1.0 / (1.0 + mean)  # P(K = k) = (1 - stop)^k · stop has mean (1 - stop) / stop
     k = 0
-    while k < cap and rng.random() >= stop:
+    while rng.random() >= stop:
         k += 1
     return k
 
 
 def sample_trace(rng: random.Random, cfg: TaskConfig = TaskConfig()) -> Trace:
-    """Draw one problem of the train split and a worked solution with a random number of check lines."""
+    """Draw one problem of the train split and a worked solution with slips and checks."""
     terms = _sample_terms(rng, cfg, "train")
-    steps = []
+    lines, checks, slips = [], 0, 0
     total = terms[0]
     for term in terms[1:]:
-        steps.append(f"{total}+{term}={total + term}\n")
-        total += term
-    checks = _geometric(rng, cfg.mean_checks, cfg.max_checks)
-    # Each check goes after a step chosen uniformly, so a trace's checks cluster or spread
-    # at random and the model cannot tell from the position alone whether more will come.
-    per_step = [0] * len(steps)
-    for _ in range(checks):
-        per_step[rng.randrange(len(steps))] += 1
-    lines = []
-    for step, repeats in zip(steps, per_step):
-        lines.append(step)
-        lines.extend(["check " + step] * repeats)
-    response = "".join(lines) + f"\\boxed{{{total}}}"
-    return Trace(prompt_text=_prompt(terms), response_text=response, answer=str(total), checks=checks)
+        step, right = f"{total}+{term}=", total + term
+        if checks < cfg.max_checks and rng.random() < cfg.slip_rate:
+            wrong = right + rng.choice((-2, -1, 1, 2))
+            lines += [f"{step}{wrong}\n", f"={step}{right}\n"]  # the slip, then the check that repairs it
+            slips += 1
+            checks += 1
+        else:
+            repeats = min(_geometric(rng, cfg.check_rate), cfg.max_checks - checks)
+            lines += [f"{step}{right}\n"] + [f"={step}{right}\n"] * repeats
+            checks += repeats
+        total = right
+    response = "".join(lines) + f"{THINK_END}\\boxed{{{total}}}"
+    return Trace(prompt_text=_prompt(terms), response_text=response, answer=str(total), terms=len(terms),
+                 checks=checks, slips=slips)
 
 
 def make_traces(n: int, seed: int, cfg: TaskConfig = TaskConfig()) -> list[Trace]:
-    """`n` SFT traces; the same `seed` gives the same list."""
+    """`n` SFT traces of the train split; the same `seed` gives the same list."""
     rng = random.Random(seed)
     return [sample_trace(rng, cfg) for _ in range(n)]
 
 
 def make_problems(n: int, seed: int, tokenizer, cfg: TaskConfig = TaskConfig(), *, split: str = "train",
-                  source: str = "sum") -> DemoDataset:
+                  per_level: bool = False, source: str = "sum") -> DemoDataset:
     """`n` problems (prompt and gold answer) of `split`; the same arguments give the same set.
 
-    RL prompts come from "train", the split SFT traces are drawn from (RL practises on the
-    problems the model was taught); evaluation uses "test", which no SFT trace and no RL
-    prompt ever contains. Without `cfg.hold_out` (the default) both splits are the whole
-    task distribution. Problems may repeat within a set.
+    RL prompts come from "train", the split SFT traces are drawn from; evaluation uses
+    "test", which no SFT trace and no RL prompt ever contains. With `per_level`, `n`
+    problems of each level, in level order (the evaluation set); otherwise the level is
+    drawn uniformly. Problems may repeat within a set.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     rng = random.Random(seed)
+    counts = [k for k in cfg.levels for _ in range(n)] if per_level else [None] * n
     problems = []
-    for index in range(n):
-        terms = _sample_terms(rng, cfg, split)
+    for index, count in enumerate(counts):
+        terms = _sample_terms(rng, cfg, split, count)
         prompt = _prompt(terms)
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         problems.append(Problem(index=index, prompt_ids=prompt_ids, prompt_text=prompt, answer=str(sum(terms)),
@@ -193,28 +184,7 @@ def make_problems(n: int, seed: int, tokenizer, cfg: TaskConfig = TaskConfig(), 
     return DemoDataset(problems)
 
 
-def all_problems(tokenizer, cfg: TaskConfig = TaskConfig(), *, split: str = "test",
-                 source: str = "sum") -> DemoDataset:
-    """Every problem of `split`, each once, in a fixed order: the evaluation set.
-
-    Enumerating instead of sampling gives every sum the same weight and the same set on
-    every run. Without `cfg.hold_out` the split is the whole task distribution.
-    """
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    problems = []
-    for count in range(cfg.min_terms, cfg.max_terms + 1):
-        for terms in itertools.permutations(range(1, cfg.max_value + 1), count):
-            prompt = _prompt(list(terms))
-            if cfg.hold_out and _split_of(prompt) != split:
-                continue
-            prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            problems.append(Problem(index=len(problems), prompt_ids=prompt_ids, prompt_text=prompt,
-                                    answer=str(sum(terms)), source=source))
-    return DemoDataset(problems)
-
-
 def check_answer(response_text: str, answer: str) -> bool:
-    """Whether the last `\\boxed{}` of `response_text` holds `answer`: the trainer's
-    verdict (`siri.rewards.is_correct`), so the demo scores exactly as RL rewards."""
-    return is_correct(response_text, answer)
+    """Whether the `\\boxed{}` after `THINK_END` holds `answer`: the trainer's verdict
+    (`siri.rewards.is_correct`), so the demo scores exactly as RL rewards."""
+    return is_correct(response_text, answer, think_end=THINK_END)

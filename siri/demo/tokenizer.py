@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import string
 
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-__all__ = ["ALPHABET", "BOS_TOKEN", "EOS_TOKEN", "PAD_TOKEN", "SPECIAL_TOKENS", "build_tokenizer"]
+from siri.demo.task import THINK_END
+
+__all__ = ["ALPHABET", "WORDS", "BOS_TOKEN", "EOS_TOKEN", "PAD_TOKEN", "SPECIAL_TOKENS", "build_tokenizer"]
 
 PAD_TOKEN = "<pad>"
 BOS_TOKEN = "<bos>"
@@ -29,12 +31,16 @@ SPECIAL_TOKENS = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN)
 # ":" "?" "." "," for the prompt text, and all ASCII letters so any English task wording
 # fits without growing the vocabulary.
 ALPHABET = string.digits + "+-=*/(){}\\ \n:?.," + string.ascii_lowercase + string.ascii_uppercase
+# Multi-character tokens: the end of the thinking is one token, as in the reasoning models'
+# vocabularies, so it costs one step of the budget.
+WORDS = (THINK_END,)
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
     """The demo's character-level tokenizer.
 
-    Ids: `<pad>` 0, `<bos>` 1, `<eos>` 2, then the characters of `ALPHABET` in order.
+    Ids: `<pad>` 0, `<bos>` 1, `<eos>` 2, the characters of `ALPHABET` in order, then `WORDS`
+    (matched before the split into characters, and decoded back as they are).
     Encoding adds no special tokens (append `eos_token_id` to a training target yourself).
     `batch_decode(ids, skip_special_tokens=True)` gives back any text over `ALPHABET`
     exactly; a character outside it encodes as `<pad>` and is lost.
@@ -50,6 +56,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     # Concatenate tokens on decode; the default decoder would join them with spaces.
     backend.decoder = decoders.Fuse()
+    backend.add_tokens([AddedToken(word, normalized=False) for word in WORDS])
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         pad_token=PAD_TOKEN,
