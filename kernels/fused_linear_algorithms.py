@@ -139,12 +139,13 @@ def _vocab_statistics(hidden, weight, bias, targets, active, temperature, impl, 
     make = lambda: hidden.new_empty(num_rows, dtype=torch.float32)  # noqa: E731
     logp_s, entropy_s, lse_s = make(), make(), make()
     all_rows = torch.arange(num_rows, device=hidden.device)
+    lse_to_nats = math.log(impl.lse_base)  # the backend's lse may be in base 2 (backends.py)
     for columns in _spans(weight.shape[0], slice_size):
         logits = _linear(hidden, weight[columns], _pick(bias, columns))
         local, holds = _slice_targets(targets, active, columns)
         impl.logprob_rows(logits, local, temperature, logp_s, entropy_s, lse_s)
         # logp = u_y - lse from the logit itself (not logp_s + lse_s: two more roundings).
-        stats.merge(lse_s, entropy_s, logits[all_rows, local].double() / temperature, holds)
+        stats.merge(lse_s.double() * lse_to_nats, entropy_s, logits[all_rows, local].double() / temperature, holds)
     return stats
 
 

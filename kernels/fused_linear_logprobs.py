@@ -52,7 +52,10 @@ def _backward_op(hidden, weight, bias, targets, logprobs, entropy, grad_logprobs
     for rows in _row_chunks(hidden.shape[0], chunk_size):
         hidden_chunk = hidden[rows]
         logits = hidden_chunk @ weight.t() if bias is None else torch.addmm(bias, hidden_chunk, weight.t())
-        lse = torch.logsumexp(logits.to(torch.float32) / temperature, dim=-1)
+        # The row statistic the backend's backward reads, by that backend (in its unit and its
+        # rounding: Backend.lse_base).
+        lse, unused_logprobs = (logits.new_empty(logits.shape[0], dtype=torch.float32) for _ in range(2))
+        impl.logprob_rows(logits, targets[rows], temperature, unused_logprobs, None, lse)
         grad_logits = torch.empty_like(logits)
         impl.logprob_backward(
             logits, targets[rows], temperature, lse, logprobs[rows], None if entropy is None else entropy[rows],
