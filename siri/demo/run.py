@@ -71,8 +71,8 @@ class DemoConfig:
     n: int = 8  # rollouts per prompt (the GRPO group)
     mini_batches: int = 2  # optimizer steps per rollout batch: the ratio leaves 1, so the clip acts
     lr: float = 2e-4
-    # Packed tokens per micro-batch. On the CPU the packed attention is dense over a
-    # micro-batch, so its cost grows with the square of this; 2048 keeps it small.
+    # Packed tokens per micro-batch: the trainer attends per sample (packed_sdpa on a CPU),
+    # so this bounds one forward's activations; 2048 keeps them small.
     max_tokens_per_micro_batch: int = 2048
     train_problems: int = 2048  # RL prompts, drawn from the train split
     eval_per_level: int = 64  # held-out problems of each level
