@@ -109,8 +109,10 @@ def _loss_step(loss_fn, inplace):
         leaf = logits.clone().requires_grad_(True)
 
         def setup():
-            if inplace:  # the logits are overwritten by their gradient: a fresh copy each time
-                return logits.clone().requires_grad_(True)
+            if inplace:
+                # The logits are overwritten by their gradient: a fresh copy each time, and not a
+                # leaf (the in-place backward refuses one), as an LM head's output is not.
+                return logits.clone().requires_grad_(True).clone()
             return leaf
 
         def run(x):

@@ -42,3 +42,14 @@ def test_a_failing_method_becomes_a_row_naming_its_error():
     row = measured({"method": "peer"}, fails, torch.device("cpu"))
     assert row == {"method": "peer", "error": "ValueError: needs CUDA"}
     assert measured({"method": "ok"}, lambda: {"ms": 1.5}, torch.device("cpu")) == {"method": "ok", "ms": 1.5}
+
+
+def test_every_policy_loss_method_runs_at_a_small_shape():
+    """Each measured method runs (no row of the real benchmark would be an error row)."""
+    from benchmarks import policy_loss_bench
+
+    device = torch.device("cpu")
+    inputs = policy_loss_bench.make_inputs(37, 101, torch.float32, device)
+    for name, method in policy_loss_bench.methods(device).items():
+        setup, run = method.make(inputs)
+        run(setup())  # raises on a method the benchmark would record as an error row
