@@ -158,6 +158,24 @@ def _wandb_records(path):
             yield record
 
 
+def _finished_wandb_records(path, timeout_s: float = 60.0) -> list:
+    """The records of a run file once wandb has written its last ("exit") record: `finish()`
+    returns before wandb's writer process has flushed the offline file, which on a loaded
+    machine can take a second or more."""
+    from google.protobuf.message import DecodeError
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            records = list(_wandb_records(path))
+        except (AssertionError, DecodeError):  # caught mid-write: no header yet, or half a record
+            records = []
+        if records and records[-1].WhichOneof("record_type") == "exit":
+            return records
+        assert time.monotonic() < deadline, f"{path} has no exit record after {timeout_s} s"
+        time.sleep(0.2)
+
+
 def test_wandb_resumes_the_same_run(tmp_path, monkeypatch):
     """A real wandb run, offline: the resumed tracker logs into the same run id, with the
     config and the numeric metrics (strings stay out of wandb's scalars)."""
@@ -178,7 +196,7 @@ def test_wandb_resumes_the_same_run(tmp_path, monkeypatch):
     assert len(files) == 2  # one per start, both under the same run id
     history, configs = [], []
     for path in files:
-        for record in _wandb_records(path):
+        for record in _finished_wandb_records(path):
             kind = record.WhichOneof("record_type")
             if kind == "run":
                 assert record.run.run_id == run_id and record.run.project == "proj"
