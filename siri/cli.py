@@ -35,7 +35,8 @@ def _eval(args) -> int:
 
     protocol = resolve_protocol(args.preset, budget=args.budget, temperature=args.temperature, k=args.k)
     rollout = RolloutConfig(engine=args.engine, temperature=protocol["temperature"], top_p=args.top_p,
-                            generation_batch_size=args.generation_batch_size)
+                            generation_batch_size=args.generation_batch_size, kv_cache_gib=args.kv_cache_gib,
+                            gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager)
     data = DataConfig(problem_key=args.problem_key, answer_key=args.answer_key,
                       use_chat_template=not args.no_chat_template, max_prompt_length=args.max_prompt_length)
     run_eval(args.model, args.data, budget=protocol["budget"], k=protocol["k"], out_dir=args.out, rollout_cfg=rollout,
@@ -71,12 +72,12 @@ def _seed(text: str) -> int:
     return _number(int, text, lambda v: 0 <= v < SEED_LIMIT, "an integer in [0, 2**32)")
 
 
-def _temperature(text: str) -> float:
-    return _number(float, text, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
-
-
-def _top_p(text: str) -> float:
+def _fraction(text: str) -> float:
     return _number(float, text, lambda v: 0 < v <= 1, "a number in (0, 1]")
+
+
+def _positive_float(text: str) -> float:
+    return _number(float, text, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,10 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--budget", type=_positive_int, help="maximum response tokens (required without --preset)")
     ev.add_argument("--k", type=_positive_int,
                     help=f"samples per problem (default: the preset's, else {EVAL_DEFAULTS['k']})")
-    ev.add_argument("--temperature", type=_temperature,
+    ev.add_argument("--temperature", type=_positive_float,
                     help=f"sampling temperature (default: the preset's, else {EVAL_DEFAULTS['temperature']})")
-    ev.add_argument("--top-p", type=_top_p, default=0.95)
+    ev.add_argument("--top-p", type=_fraction, default=0.95)
     ev.add_argument("--engine", choices=["hf", "vllm"], default="hf")
+    ev.add_argument("--kv-cache-gib", type=_positive_float,
+                    help="vLLM only: the KV cache's size in GiB (default: from --gpu-memory-utilization)")
+    ev.add_argument("--gpu-memory-utilization", type=_fraction, default=RolloutConfig.gpu_memory_utilization,
+                    help="vLLM only: the fraction of the device's memory vLLM may take")
+    ev.add_argument("--enforce-eager", action="store_true", help="vLLM only: no CUDA graphs or compilation")
     ev.add_argument("--generation-batch-size", type=_positive_int, default=64)
     ev.add_argument("--problem-key", default="problem")
     ev.add_argument("--answer-key", default="answer")

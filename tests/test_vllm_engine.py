@@ -21,7 +21,7 @@ if importlib.util.find_spec("vllm") is None:
                 allow_module_level=True)
 
 from test_rollout import EOS, EOS2, PAD, PROMPTS, VOCAB, settings, tiny_tokenizer
-from trainer_fixtures import save_model_dir, tiny_overrides
+from trainer_fixtures import save_model_dir, tiny_overrides, write_problems
 from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
 from siri.model_forward import packed_logprobs
@@ -207,3 +207,38 @@ def test_siri_train_with_vllm_through_a_checkpoint_and_a_resume(tmp_path):
         assert resumed[step]["response_len_max"] <= resumed[step]["budget"]
         for name in ("loss", "response_len_mean", "reward"):
             assert resumed[step][name] == pytest.approx(uninterrupted[step][name], rel=1e-5, abs=1e-7), (step, name)
+
+
+RECORDING_EVAL = """
+import json, sys
+import siri.rollout
+from siri.cli import main
+built, real = [], siri.rollout.VLLMEngine
+def recording_engine(*args, **kwargs):
+    built.append({key: kwargs[key] for key in ("kv_cache_gib", "enforce_eager")})
+    return real(*args, **kwargs)
+siri.rollout.VLLMEngine = recording_engine
+code = main(sys.argv[1:])
+print("ENGINES " + json.dumps(built))
+sys.exit(code)
+"""
+
+
+def test_siri_eval_with_vllm_sizes_its_kv_cache(tmp_path):
+    """`siri eval --engine vllm --kv-cache-gib --enforce-eager` on two models: each engine gets
+    the KV cache's size (without it vLLM on a CPU takes its default share of the host's
+    memory), the second is built after the first is closed, and the eval completes. In a
+    process of its own: vLLM builds one engine per process at a time, and the module's is open."""
+    models = [save_model_dir(str(tmp_path / name), seed=seed, hidden_size=128) for seed, name in enumerate("ab")]
+    data = write_problems(str(tmp_path / "problems.jsonl"), 3)
+    command = [sys.executable, "-c", RECORDING_EVAL, "eval", "--model", models[0], "--model", models[1],
+               "--data", data, "--budget", "6", "--k", "2", "--engine", "vllm", "--kv-cache-gib", str(KV_CACHE_GIB),
+               "--enforce-eager", "--dtype", "float32", "--device", "cpu", "--no-chat-template",
+               "--out", str(tmp_path / "eval")]
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(command, capture_output=True, text=True, env=environment)
+    assert result.returncode == 0, result.stderr[-3000:]
+    engines = json.loads(result.stdout.split("ENGINES ")[-1])
+    assert engines == [{"kv_cache_gib": KV_CACHE_GIB, "enforce_eager": True}] * 2
+    with open(tmp_path / "eval" / "eval.json") as handle:
+        assert [row["model"] for row in json.load(handle)] == ["a", "b"]
