@@ -39,6 +39,7 @@ import torch
 from siri.attention import PACKED_SDPA, flash_attention_available, register_packed_sdpa, resolve_attn_implementation
 from siri.kernels import policy_loss
 from siri.model_forward import packed_policy_loss
+from siri.models import random_model
 from siri.packing import Sample, pack, unpack
 
 LOSS_KWARGS = dict(clip_low=0.2, clip_high=0.28)
@@ -73,10 +74,8 @@ def make_model(cfg: dict, device: torch.device):
     import transformers
 
     register_packed_sdpa()
-    torch.manual_seed(0)
     model_config = transformers.Qwen2Config(**cfg["model"], attn_implementation=PADDED_ATTENTION)
-    dtype = getattr(torch, cfg["dtype"])
-    return transformers.Qwen2ForCausalLM(model_config).to(device=device, dtype=dtype).train()
+    return random_model(model_config, seed=0).to(device=device, dtype=getattr(torch, cfg["dtype"])).train()
 
 
 def make_samples(cfg: dict, seed: int = 0) -> list[Sample]:

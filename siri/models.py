@@ -1,4 +1,5 @@
-"""Where a model runs and how a local model directory is loaded (the trainer, `siri eval`, the demo).
+"""Where a model runs, how a local model directory is loaded (the trainer, `siri eval`, the
+demo) and how a model with fresh random weights is built (the demo, the tests, the benchmarks).
 
 Nothing is downloaded: a path that is not a local Hugging Face model directory is a
 `UserError` naming it, never a look-up on a model hub.
@@ -10,11 +11,11 @@ import os
 
 import torch
 
-from siri.attention import resolve_attn_implementation
+from siri.attention import PACKED_SDPA, register_packed_sdpa, resolve_attn_implementation
 from siri.errors import UserError
 from siri.precision import TORCH_DTYPES
 
-__all__ = ["check_model_dir", "load_model", "load_tokenizer", "resolve_device"]
+__all__ = ["check_model_dir", "load_model", "load_tokenizer", "random_model", "resolve_device"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -69,3 +70,24 @@ def load_model(path: str, device: torch.device, dtype: str, *, weights: bool = T
         raise UserError(f"model directory {path!r} has no loadable weights: {' '.join(str(error).split())}") \
             from error
     return model.to(device).eval(), tokenizer
+
+
+def random_model(config, *, seed: int | None = None):
+    """A causal LM with freshly initialised weights, built from a transformers `config`
+    (`Qwen2Config(...)`, `LlamaConfig(...)`): nothing is downloaded or loaded.
+
+    The model is in `config.dtype` (torch's default, float32, when that is unset) and in
+    train mode, as transformers builds it. A `config` asking for "packed_sdpa" attention gets
+    it registered first. `seed`: an int draws the initial weights from
+    `torch.manual_seed(seed)` and gives the caller's RNG state back; None draws them from
+    torch's global RNG, as constructing any module does.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if getattr(config, "_attn_implementation", None) == PACKED_SDPA:
+        register_packed_sdpa()
+    if seed is None:
+        return AutoModelForCausalLM.from_config(config)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(config)

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
+
+import tiny_models  # noqa: E402
 
 import siri.attention as attention  # noqa: E402
 from siri.attention import PACKED_SDPA, packed_sdpa_attention, resolve_attn_implementation, use_packed_attention  # noqa: E402,E501
@@ -138,10 +140,8 @@ def packed_step(model):
 
 
 def tiny_model(attn_implementation="sdpa"):
-    config = transformers.Qwen2Config(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=HEADS,
-                                      num_key_value_heads=KV_HEADS, intermediate_size=64,
-                                      attn_implementation=attn_implementation)
-    return transformers.Qwen2ForCausalLM(config)
+    return tiny_models.tiny_model(50, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
+                                  attn_implementation=attn_implementation)
 
 
 def test_the_spy_sees_the_dense_mask_of_sdpa(monkeypatch, fresh_warnings):

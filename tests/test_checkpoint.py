@@ -11,28 +11,19 @@ import torch
 
 pytest.importorskip("transformers")
 
+from tiny_models import char_tokenizer, tiny_model
+
 from siri import checkpoint as ckpt
 from siri.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from siri.distributed import exit_process
 
 
 def make_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<eos>": 1, **{c: i + 2 for i, c in enumerate("0123456789+=? ")}}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    core.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>")
+    return char_tokenizer("0123456789+=? ")
 
 
 def make_model(seed=0):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(seed)
-    config = Qwen2Config(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=1, intermediate_size=64)
-    return Qwen2ForCausalLM(config)
+    return tiny_model(64, seed=seed, num_hidden_layers=1)
 
 
 def make_training(seed=0, warmup=5):

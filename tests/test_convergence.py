@@ -4,7 +4,9 @@ same loss and log-prob trajectory as the same training written in plain PyTorch.
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
+
+from tiny_models import tiny_model
 
 from siri.kernels.config import LossConfig
 from siri.kernels.reference import policy_loss_reference
@@ -16,10 +18,7 @@ STEPS = 12
 
 
 def make_model():
-    torch.manual_seed(0)
-    config = transformers.Qwen2Config(vocab_size=61, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                      num_key_value_heads=1, intermediate_size=64, attn_implementation="sdpa")
-    return transformers.Qwen2ForCausalLM(config)
+    return tiny_model(61)
 
 
 def make_samples():

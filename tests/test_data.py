@@ -6,6 +6,8 @@ import pytest
 
 pytest.importorskip("transformers")
 
+from tiny_models import char_tokenizer
+
 from siri.config import DataConfig
 from siri.data import DataCursor, Problem, PromptDataset, load_records
 
@@ -24,14 +26,8 @@ CHAT_TEMPLATE = (
 
 def make_tokenizer(chat_template=None):
     """A character-level tokenizer built here (no downloads), optionally with a chat template."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     chars = sorted(set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+=?.,'{}\\ \n_|<>"))
-    vocab = {"<unk>": 0, "<eos>": 1, **{c: i + 2 for i, c in enumerate(chars)}}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="<eos>")
+    tokenizer = char_tokenizer("".join(chars), unk_token="<unk>", pad=False)
     if chat_template is not None:
         tokenizer.chat_template = chat_template
     return tokenizer

@@ -4,19 +4,17 @@ gives the loss and parameter gradients of the logits path on a real (tiny) model
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
+
+from tiny_models import tiny_model
 
 from siri.model_forward import packed_logprobs, packed_policy_loss
 from siri.packing import Sample, pack
 
 
 def make_model(tie_word_embeddings):
-    torch.manual_seed(0)
-    config = transformers.Qwen2Config(
-        vocab_size=97, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=96, tie_word_embeddings=tie_word_embeddings, attn_implementation="sdpa",
-    )
-    return transformers.Qwen2ForCausalLM(config).eval()
+    return tiny_model(97, hidden_size=48, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
+                      tie_word_embeddings=tie_word_embeddings).eval()
 
 
 def make_samples():

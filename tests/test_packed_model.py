@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
 
-from siri.attention import PACKED_SDPA, flash_attention_available, register_packed_sdpa
+from tiny_models import ARCHITECTURES, tiny_model
+
+from siri.attention import PACKED_SDPA, flash_attention_available
 from siri.distributed import _decoder_layers
 from siri.model_forward import (
     decoder_body,
@@ -28,10 +30,6 @@ from siri.model_forward import (
 from siri.packing import LOSS_AGGS, Sample, pack, unpack
 
 VOCAB = 131  # odd on purpose: no power-of-two block sizes line up with it
-ARCHITECTURES = {
-    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-}
 ATTN_IMPLEMENTATIONS = [PACKED_SDPA, "sdpa", "eager"]
 LOSS_KWARGS = dict(clip_low=0.2, clip_high=0.28, kl_coef=0.05, kl_estimator="k3")
 L_NORM = 32
@@ -44,14 +42,8 @@ MAX_TOKENS = 24
 
 
 def make_model(attn_implementation, architecture="qwen2"):
-    register_packed_sdpa()
-    config_class, model_class = ARCHITECTURES[architecture]
-    torch.manual_seed(0)
-    config = config_class(
-        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=128, attn_implementation=attn_implementation,
-    )
-    model = model_class(config).to(torch.float32).eval()
+    model = tiny_model(VOCAB, architecture=architecture, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                       intermediate_size=128, attn_implementation=attn_implementation).eval()
     assert model.config._attn_implementation == attn_implementation
     return model
 

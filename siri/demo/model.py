@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+from siri.models import random_model
 
 __all__ = ["ModelSize", "build_model"]
 
@@ -51,10 +52,8 @@ def build_model(tokenizer, size: ModelSize = ModelSize(), seed: int = 0) -> Qwen
         attn_implementation="sdpa",
         dtype="float32",
     )
-    # Seed only the initialisation, then give the caller's RNG state back.
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = Qwen2ForCausalLM(config)
+    # Seed only the initialisation: the caller's RNG state is given back.
+    model = random_model(config, seed=seed)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
