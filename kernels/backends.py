@@ -43,6 +43,8 @@ from typing import Callable
 import torch
 
 BACKEND_NAMES = ("triton", "cuda", "cpu", "torch")
+AUTO = "auto"
+BACKEND_CHOICES = (AUTO, *BACKEND_NAMES)  # what a public `backend=` and SIRI_BACKEND take
 
 
 @dataclass
@@ -121,19 +123,19 @@ def _auto_order(device: torch.device) -> tuple[str, ...]:
     return ("cpu", "torch")
 
 
-def check_backend_name(backend) -> None:
-    if not isinstance(backend, str) or (backend != "auto" and backend not in BACKEND_NAMES):
-        raise ValueError(f"backend must be 'auto' or one of {list(BACKEND_NAMES)}, got {backend!r}")
+def check_backend_name(backend, name: str = "backend") -> None:
+    """ValueError naming `name` unless `backend` is one of BACKEND_CHOICES."""
+    if not isinstance(backend, str) or backend not in BACKEND_CHOICES:
+        raise ValueError(f"{name} must be 'auto' or one of {list(BACKEND_NAMES)}, got {backend!r}")
 
 
 def resolve_backend(backend: str, device: torch.device) -> Backend:
     """The Backend for a public `backend=` argument and the device of the logits."""
     check_backend_name(backend)
-    if backend == "auto":
-        backend = os.environ.get("SIRI_BACKEND", "auto") or "auto"
-        if backend != "auto" and backend not in BACKEND_NAMES:
-            raise ValueError(f"SIRI_BACKEND must be 'auto' or one of {list(BACKEND_NAMES)}, got {backend!r}")
-    if backend == "auto":
+    if backend == AUTO:
+        backend = os.environ.get("SIRI_BACKEND", AUTO) or AUTO
+        check_backend_name(backend, "SIRI_BACKEND")
+    if backend == AUTO:
         for name in _auto_order(device):
             found = _load(name)
             if found is not None and found.supports_device(device):

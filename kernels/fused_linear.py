@@ -21,7 +21,7 @@ import torch
 from . import ops  # noqa: F401  (registers torch.ops.siri.*)
 from .autograd_returns import InputGradients
 from .backends import check_backend_name
-from .config import check_loss_settings, check_temperature
+from .config import LossConfig, check_loss_settings, check_temperature
 from .fused_linear_logprobs import FusedLinearTokenLogprobs
 from .policy_loss import PolicyLossOutput, policy_metrics
 from .validation import check_per_token, check_policy_structure, check_targets
@@ -96,14 +96,14 @@ def fused_linear_policy_loss(
     old_logprobs: torch.Tensor | None = None,
     ref_logprobs: torch.Tensor | None = None,
     rollout_logprobs: torch.Tensor | None = None,
-    temperature: float = 1.0,
-    clip_low: float = 0.2,
-    clip_high: float = 0.28,
-    dual_clip: float | None = None,
-    kl_coef: float = 0.0,
-    kl_estimator: str = "k3",
-    entropy_coef: float = 0.0,
-    tis_cap: float | None = None,
+    temperature: float = LossConfig.temperature,
+    clip_low: float = LossConfig.clip_low,
+    clip_high: float = LossConfig.clip_high,
+    dual_clip: float | None = LossConfig.dual_clip,
+    kl_coef: float = LossConfig.kl_coef,
+    kl_estimator: str = LossConfig.kl_estimator,
+    entropy_coef: float = LossConfig.entropy_coef,
+    tis_cap: float | None = LossConfig.tis_cap,
     inplace_backward: bool = False,
     backend: str = "auto",
     chunk_size: int | None = None,

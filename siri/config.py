@@ -25,9 +25,10 @@ from typing import Any
 import yaml
 
 from siri.advantages import ADVANTAGE_ESTIMATORS
+from siri.checks import TOP_P_DOMAIN, top_p_in_domain
 from siri.errors import UserError
 from siri.files import check_output_dir
-from siri.kernels.backends import BACKEND_NAMES
+from siri.kernels.backends import BACKEND_CHOICES
 from siri.kernels.config import KL_ESTIMATORS, LossConfig
 from siri.models import check_model_dir
 from siri.packing import LOSS_AGGS
@@ -38,7 +39,6 @@ from siri.verifier import DEFAULT_TIMEOUT_S
 
 ENGINES = ("hf", "vllm")  # what siri.rollout.make_engine builds
 DEVICES = ("auto", "cpu", "cuda")
-KERNEL_BACKENDS = ("auto",) + BACKEND_NAMES
 # Seeds are mixed with the step and the rank into 64-bit sampling seeds (siri.trainer):
 # below 2**32 every mix stays in range.
 SEED_LIMIT = 2**32
@@ -241,7 +241,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _choice("algorithm.advantage", cfg.algorithm.advantage, ADVANTAGE_ESTIMATORS)
     _choice("algorithm.loss_agg", cfg.algorithm.loss_agg, LOSS_AGGS)
     _choice("algorithm.kl_estimator", cfg.algorithm.kl_estimator, sorted(KL_ESTIMATORS))
-    _choice("algorithm.kernel_backend", cfg.algorithm.kernel_backend, KERNEL_BACKENDS)
+    _choice("algorithm.kernel_backend", cfg.algorithm.kernel_backend, BACKEND_CHOICES)
     _choice("device", cfg.device, DEVICES)
     for key in ("model.attn_implementation", "data.problem_key", "data.answer_key", "reward.fn",
                 "logging.wandb_project"):
@@ -259,8 +259,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         _at_least("reward.overlong_buffer", cfg.reward.overlong_buffer, 1)
     if not 0 <= cfg.seed < SEED_LIMIT:
         raise UserError(f"seed must be in [0, 2**32), got {cfg.seed!r}")
-    if not 0 < cfg.rollout.top_p <= 1:
-        raise UserError(f"rollout.top_p must be in (0, 1], got {cfg.rollout.top_p!r}")
+    if not top_p_in_domain(cfg.rollout.top_p):
+        raise UserError(f"rollout.top_p must be {TOP_P_DOMAIN}, got {cfg.rollout.top_p!r}")
     if not 0 < cfg.rollout.gpu_memory_utilization <= 1:
         raise UserError(f"rollout.gpu_memory_utilization must be in (0, 1], got {cfg.rollout.gpu_memory_utilization!r}")
     if len(cfg.optim.betas) != 2 or not all(0 <= beta < 1 for beta in cfg.optim.betas):
