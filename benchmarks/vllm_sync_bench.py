@@ -23,6 +23,8 @@ import time
 
 import torch
 
+from siri.precision import TORCH_DTYPES
+
 SHAPES = {
     # siri's vLLM tests' model
     "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
@@ -36,20 +38,20 @@ SHAPES = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
-    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="bfloat16", choices=list(TORCH_DTYPES))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--kv-cache-gib", type=float, default=0.25)
     args = parser.parse_args()
 
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    from transformers import PreTrainedTokenizerFast, Qwen2Config
 
+    from siri.models import random_model
     from siri.rollout import SamplingSettings, VLLMEngine
 
     shape = SHAPES[args.shape]
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(**shape, eos_token_id=1, pad_token_id=0, max_position_embeddings=512))
+    model = random_model(Qwen2Config(**shape, eos_token_id=1, pad_token_id=0, max_position_embeddings=512), seed=0)
     parameters = sum(p.numel() for p in model.parameters())
     with tempfile.TemporaryDirectory() as directory:
         model.save_pretrained(directory)

@@ -21,3 +21,13 @@ def as_int(name: str, value: Any, *, minimum: int | None) -> int:
     if minimum is not None and as_integer < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {as_integer}")
     return as_integer
+
+
+
+# A share of something (top-p's probability mass, vLLM's part of the device memory): more
+# than none, at most all of it.
+FRACTION_DOMAIN = "in (0, 1]"
+
+
+def is_fraction(value) -> bool:
+    return isinstance(value, (int, float)) and 0 < value <= 1

@@ -16,9 +16,12 @@ import math
 import os
 import sys
 
-from siri.config import SEED_LIMIT, DataConfig, RolloutConfig, load_config
+from siri.checks import FRACTION_DOMAIN, is_fraction
+from siri.config import DEVICES, ENGINES, SEED_LIMIT, DataConfig, ModelConfig, RolloutConfig, TrainConfig, load_config
 from siri.errors import UserError
 from siri.files import check_output_dir
+from siri.precision import TORCH_DTYPES
+from siri.rewards import DEFAULT_THINK_END
 
 
 def _train(args) -> int:
@@ -73,7 +76,7 @@ def _seed(text: str) -> int:
 
 
 def _fraction(text: str) -> float:
-    return _number(float, text, lambda v: 0 < v <= 1, "a number in (0, 1]")
+    return _number(float, text, is_fraction, f"a number {FRACTION_DOMAIN}")
 
 
 def _positive_float(text: str) -> float:
@@ -108,21 +111,22 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--temperature", type=_positive_float,
                     help=f"sampling temperature (default: the preset's, else {EVAL_DEFAULTS['temperature']})")
     ev.add_argument("--top-p", type=_fraction, default=0.95)
-    ev.add_argument("--engine", choices=["hf", "vllm"], default="hf")
+    # The defaults and choices are the training config's (siri.config), so eval and training agree.
+    ev.add_argument("--engine", choices=ENGINES, default=RolloutConfig.engine)
     ev.add_argument("--kv-cache-gib", type=_positive_float,
                     help="vLLM only: the KV cache's size in GiB (default: from --gpu-memory-utilization)")
     ev.add_argument("--gpu-memory-utilization", type=_fraction, default=RolloutConfig.gpu_memory_utilization,
                     help="vLLM only: the fraction of the device's memory vLLM may take")
     ev.add_argument("--enforce-eager", action="store_true", help="vLLM only: no CUDA graphs or compilation")
-    ev.add_argument("--generation-batch-size", type=_positive_int, default=64)
-    ev.add_argument("--problem-key", default="problem")
-    ev.add_argument("--answer-key", default="answer")
-    ev.add_argument("--max-prompt-length", type=_positive_int, default=1024)
+    ev.add_argument("--generation-batch-size", type=_positive_int, default=RolloutConfig.generation_batch_size)
+    ev.add_argument("--problem-key", default=DataConfig.problem_key)
+    ev.add_argument("--answer-key", default=DataConfig.answer_key)
+    ev.add_argument("--max-prompt-length", type=_positive_int, default=DataConfig.max_prompt_length)
     ev.add_argument("--no-chat-template", action="store_true")
-    ev.add_argument("--think-end", default="</think>",
+    ev.add_argument("--think-end", default=DEFAULT_THINK_END,
                     help="the answer is read after this end-of-thinking marker; 'none': anywhere in the response")
-    ev.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    ev.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    ev.add_argument("--device", default=TrainConfig.device, choices=DEVICES)
+    ev.add_argument("--dtype", default=ModelConfig.dtype, choices=list(TORCH_DTYPES))
     ev.add_argument("--seed", type=_seed, default=0)
     ev.add_argument("--out", help="folder for eval.json and accuracy_vs_length.png")
     ev.set_defaults(run=_eval)

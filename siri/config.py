@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from siri.advantages import ADVANTAGE_ESTIMATORS
-from siri.checks import TOP_P_DOMAIN, top_p_in_domain
+from siri.checks import FRACTION_DOMAIN, is_fraction
 from siri.errors import UserError
 from siri.files import check_output_dir
 from siri.kernels.backends import BACKEND_CHOICES
@@ -259,10 +259,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         _at_least("reward.overlong_buffer", cfg.reward.overlong_buffer, 1)
     if not 0 <= cfg.seed < SEED_LIMIT:
         raise UserError(f"seed must be in [0, 2**32), got {cfg.seed!r}")
-    if not top_p_in_domain(cfg.rollout.top_p):
-        raise UserError(f"rollout.top_p must be {TOP_P_DOMAIN}, got {cfg.rollout.top_p!r}")
-    if not 0 < cfg.rollout.gpu_memory_utilization <= 1:
-        raise UserError(f"rollout.gpu_memory_utilization must be in (0, 1], got {cfg.rollout.gpu_memory_utilization!r}")
+    for key in ("rollout.top_p", "rollout.gpu_memory_utilization"):
+        if not is_fraction(_value(cfg, key)):
+            raise UserError(f"{key} must be {FRACTION_DOMAIN}, got {_value(cfg, key)!r}")
     if len(cfg.optim.betas) != 2 or not all(0 <= beta < 1 for beta in cfg.optim.betas):
         raise UserError(f"optim.betas must hold two numbers in [0, 1), got {cfg.optim.betas!r}")
     if cfg.rollout.kv_cache_gib is not None:

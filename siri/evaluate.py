@@ -34,8 +34,9 @@ from siri.text_table import format_text_table
 EVAL_PRESETS: dict[str, dict] = {
     "paper": {"budget": 16384, "temperature": 0.6, "k": 64},
 }
-# What `siri eval` uses where neither a flag nor a preset sets the value (budget has none).
-EVAL_DEFAULTS: dict = {"temperature": 0.6, "k": 4}
+# What `siri eval` uses where neither a flag nor a preset sets the value (budget has none):
+# the paper's temperature, and fewer samples.
+EVAL_DEFAULTS: dict = {"temperature": EVAL_PRESETS["paper"]["temperature"], "k": 4}
 
 
 def resolve_protocol(preset: str | None, **given) -> dict:

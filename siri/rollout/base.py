@@ -26,7 +26,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from siri.checks import as_int
+from siri.checks import FRACTION_DOMAIN, as_int, is_fraction
 
 if TYPE_CHECKING:
     from siri.config import RolloutConfig
@@ -67,8 +67,8 @@ class SamplingSettings:
     def __post_init__(self):
         if not self.temperature > 0:  # also rejects NaN
             raise ValueError(f"temperature must be > 0 (greedy decoding is not a rollout), got {self.temperature!r}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not is_fraction(self.top_p):
+            raise ValueError(f"top_p must be {FRACTION_DOMAIN}, got {self.top_p!r}")
         # Stored as Python ints (the class is frozen, hence object.__setattr__): numpy or torch
         # integer scalars would reach the seed mixing and transformers' warpers, which take int.
         minimums = {"n": 1, "top_k": None, "max_tokens": 1}  # top_k <= 0 disables it

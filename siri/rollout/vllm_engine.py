@@ -56,6 +56,7 @@ from typing import Any
 
 import torch
 
+from siri.checks import FRACTION_DOMAIN, is_fraction
 from siri.errors import UserError
 from siri.precision import TORCH_DTYPES
 from siri.rollout.base import (
@@ -252,8 +253,8 @@ class VLLMEngine(RolloutEngine):
                  sleep_level: int = 1, kv_cache_gib: float | None = None):
         if max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {max_model_len!r}")
-        if not 0 < gpu_memory_utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization!r}")
+        if not is_fraction(gpu_memory_utilization):
+            raise ValueError(f"gpu_memory_utilization must be {FRACTION_DOMAIN}, got {gpu_memory_utilization!r}")
         if kv_cache_gib is not None and not kv_cache_gib > 0:
             raise ValueError(f"kv_cache_gib must be > 0, got {kv_cache_gib!r}")
         if sleep_level not in (1, 2):
