@@ -34,20 +34,42 @@ def test_quick_start_gives_the_two_commands_and_ci_runs_the_test_one():
     assert "test) exec python -m pytest tests -q" in (ROOT / "run").read_text()
 
 
+_FOLDERS = ("kernels", "siri", "csrc", "benchmarks", "tests", "docs", "configs")
 # A repository path as documents write it: a top-level folder, then a file with an extension.
 _REPO_PATH = re.compile(
-    r"\b(?:kernels|siri|csrc|benchmarks|tests|docs|configs)/[\w./-]*\w\.(?:py|md|yaml|sh|cpp|cu|h|json)\b"
+    rf"\b(?:{'|'.join(_FOLDERS)})/[\w./-]*\w\.(?:py|md|yaml|sh|cpp|cu|cuh|h|json)\b"
 )
+# A Markdown file named without its folder: some folder of the repository must hold one of that name.
+_BARE_DOCUMENT = re.compile(r"(?<![\w./-])[\w-]+\.md\b")
+
+
+def _cited_in_the_repository():
+    """Every text the project writes: documents, Python, C++/CUDA, configs and scripts."""
+    sources = [*ROOT.glob("*.md"), *ROOT.glob("docs/*.md"), *ROOT.glob("benchmarks/*.md"), *ROOT.glob("configs/*"),
+               *ROOT.glob("benchmarks/*.sh"), ROOT / "run", ROOT / ".ci" / "run", ROOT / "setup.py"]
+    for folder in _FOLDERS:
+        sources += (ROOT / folder).rglob("*.py")
+    sources += [path for path in (ROOT / "csrc").rglob("*") if path.suffix in (".h", ".cuh", ".cpp", ".cu")]
+    return [(source, source.read_text()) for source in sources]
 
 
 def test_documents_and_docstrings_cite_only_files_the_repository_has():
-    sources = [*ROOT.glob("*.md"), *ROOT.glob("docs/*.md"), *ROOT.glob("benchmarks/*.md")]
-    for folder in ("kernels", "siri", "benchmarks", "tests"):
-        sources += (ROOT / folder).rglob("*.py")
     missing = sorted({
         f"{source.relative_to(ROOT)}: {path}"
-        for source in sources
-        for path in _REPO_PATH.findall(source.read_text())
+        for source, text in _cited_in_the_repository()
+        for path in _REPO_PATH.findall(text)
         if not (ROOT / path).exists()
+    })
+    assert not missing, missing
+
+
+def test_documents_named_without_a_folder_are_in_the_repository():
+    documents = {path.name for path in ROOT.glob("*.md")}
+    documents.update(path.name for folder in _FOLDERS for path in (ROOT / folder).rglob("*.md"))
+    missing = sorted({
+        f"{source.relative_to(ROOT)}: {name}"
+        for source, text in _cited_in_the_repository()
+        for name in _BARE_DOCUMENT.findall(text)
+        if name not in documents
     })
     assert not missing, missing
