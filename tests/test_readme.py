@@ -53,23 +53,19 @@ def _cited_in_the_repository():
     return [(source, source.read_text()) for source in sources]
 
 
+def _cited_but_missing(pattern, exists) -> list[str]:
+    """"source: name" for each `pattern` match in the repository's texts that `exists` rejects."""
+    return sorted({f"{source.relative_to(ROOT)}: {name}" for source, text in _cited_in_the_repository()
+                   for name in pattern.findall(text) if not exists(name)})
+
+
 def test_documents_and_docstrings_cite_only_files_the_repository_has():
-    missing = sorted({
-        f"{source.relative_to(ROOT)}: {path}"
-        for source, text in _cited_in_the_repository()
-        for path in _REPO_PATH.findall(text)
-        if not (ROOT / path).exists()
-    })
+    missing = _cited_but_missing(_REPO_PATH, lambda path: (ROOT / path).exists())
     assert not missing, missing
 
 
 def test_documents_named_without_a_folder_are_in_the_repository():
     documents = {path.name for path in ROOT.glob("*.md")}
     documents.update(path.name for folder in _FOLDERS for path in (ROOT / folder).rglob("*.md"))
-    missing = sorted({
-        f"{source.relative_to(ROOT)}: {name}"
-        for source, text in _cited_in_the_repository()
-        for name in _BARE_DOCUMENT.findall(text)
-        if name not in documents
-    })
+    missing = _cited_but_missing(_BARE_DOCUMENT, documents.__contains__)
     assert not missing, missing
