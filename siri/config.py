@@ -209,7 +209,7 @@ _LOSS_KEYS = {f.name: f"algorithm.{f.name}" for f in dataclasses.fields(LossConf
 
 
 def loss_config(cfg: TrainConfig) -> LossConfig:
-    """The policy loss's settings (`siri.kernels.LossConfig`) from the config, in one place."""
+    """The policy loss's settings (`siri.kernels.config.LossConfig`) from the config, in one place."""
     values = {name: _value(cfg, key) for name, key in _LOSS_KEYS.items()}
     try:
         return LossConfig(**values)
