@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from .autograd_returns import InputGradients
 from .backends import resolve_backend
 from .fused_linear_algorithms import SLICE_MEMORY_FLOOR_BYTES, SLICE_MEMORY_FRACTION
 
@@ -100,7 +101,7 @@ class FusedLinearTokenLogprobs(torch.autograd.Function):
         hidden, weight, bias, targets, logprobs, entropy = ctx.saved_tensors
         needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         if grad_logprobs is None and grad_entropy is None:
-            return (None,) * 8
+            return _LOGPROBS_GRADIENTS()
         if grad_logprobs is None:
             grad_logprobs = torch.zeros_like(logprobs)
         if entropy is None:
@@ -109,8 +110,9 @@ class FusedLinearTokenLogprobs(torch.autograd.Function):
             hidden, weight, bias, targets, logprobs, entropy, grad_logprobs, grad_entropy, *ctx.settings,
             needs_hidden, needs_weight or needs_bias,
         )
-        return (
-            hidden_grad if needs_hidden else None,
-            weight_grad if needs_weight else None,
-            bias_grad if needs_bias else None,
-        ) + (None,) * 5
+        return _LOGPROBS_GRADIENTS(hidden=hidden_grad if needs_hidden else None,
+                                   weight=weight_grad if needs_weight else None,
+                                   bias=bias_grad if needs_bias else None)
+
+
+_LOGPROBS_GRADIENTS = InputGradients(FusedLinearTokenLogprobs.forward)
