@@ -1,8 +1,9 @@
 """The tests' tiny models and tokenizers, built here from configs (nothing is downloaded).
 
-Every test that needs a real Hugging Face model takes it from `tiny_model`, naming only
-what it changes from `TINY`; `char_tokenizer` and `word_tokenizer` are the two tokenizers
-the tests need (one token per character, or one per space-separated word).
+Every test that builds a Hugging Face model of its own takes it from `tiny_model`, naming
+only what it changes from `TINY` (the demo's tests use the demo's model, `siri.demo.model`);
+`char_tokenizer` and `word_tokenizer` are the two tokenizers the tests need (one token per
+character, or one per space-separated word).
 """
 
 from __future__ import annotations
