@@ -11,9 +11,13 @@ token-mean), one process, the same model and the same samples for every method:
   (flash-attn's varlen kernel, where flash-attn is installed on CUDA), "flex_attention"
   (on CUDA only: PyTorch has no flex-attention backward on a CPU) and "sdpa", which gives a
   packed micro-batch a dense block-diagonal [N, N] mask and attends over all N² pairs;
-- padded: micro-batches of `max_tokens // longest` samples, every row right-padded to the
-  longest sample of the mini-batch (a fixed response length, as verl pads), with an
-  attention mask ("sdpa"); the LM head and loss also on the response positions only.
+- padded (the baseline), what a padded trainer runs (verl's and TRL's layout): prompts
+  left-padded to the longest prompt, responses right-padded to the longest response, an
+  attention mask ("sdpa"), the LM head and loss over the whole [B, R] response window
+  (TRL's `logits_to_keep`; verl's head covers the prompts too), padding weighted 0;
+- padded-scored-rows, the least a padded step can cost: every row right-padded to the
+  longest sample, the LM head and loss on the real response rows only, as packing does.
+  Speedups are given over both (`speedup`, `speedup_vs_scored_rows`).
 
 The default packed implementation (`siri.attention.resolve_attn_implementation("auto")`)
 carries `default: true`; its goal is twice the padded tokens/s. tokens_per_s counts real
@@ -44,6 +48,8 @@ from siri.packing import Sample, pack, unpack
 
 LOSS_KWARGS = dict(clip_low=0.2, clip_high=0.28)
 PADDED_ATTENTION = "sdpa"
+# The baseline ("padded") first: the speedups are over it, and over the second too.
+PADDED_METHODS = ("padded", "padded-scored-rows")
 
 
 def config(device: torch.device, quick: bool) -> dict:
@@ -101,29 +107,53 @@ def packed_step(model, batches):
         packed_policy_loss(model, batch, **LOSS_KWARGS).loss.backward()
 
 
-def padded_batches(samples: list[Sample], max_tokens: int, device: torch.device) -> list[dict]:
-    """Right-padded micro-batches, every row as long as the longest sample, with the same
-    per-token targets, advantages, weights and old log-probs as the packed path."""
-    # One pack call with room for everything gives the mini-batch weights per sample.
+def _per_sample(samples: list[Sample]) -> dict[str, list[torch.Tensor]]:
+    """Each sample's per-token targets, advantages, weights and old log-probs as the packed
+    path has them (one pack call with room for everything gives the mini-batch weights)."""
     (whole,) = pack(samples, max_tokens=sum(len(s.prompt_ids) + len(s.response_ids) for s in samples))
-    per_sample = {name: unpack(getattr(whole, name), whole)
-                  for name in ("targets", "advantages", "weights", "old_logprobs")}
+    return {name: unpack(getattr(whole, name), whole) for name in ("targets", "advantages", "weights", "old_logprobs")}
+
+
+def padded_batches(samples: list[Sample], max_tokens: int, device: torch.device, scored_rows_only: bool) -> list[dict]:
+    """Padded micro-batches of `max_tokens // row length` rows with the packed path's targets,
+    advantages, weights and old log-probs.
+
+    `scored_rows_only` False ("padded", a padded trainer's layout: verl's and TRL's): prompts
+    left-padded to the longest prompt, responses right-padded to the longest response,
+    positions counted over the real tokens; the head and loss run on the whole [B, R]
+    response window (TRL's `logits_to_keep`), padding with weight 0.
+    True ("padded-scored-rows", the least padding a padded layout can have): every row
+    right-padded to the longest sample, the head and loss on the real response rows only.
+    """
+    per_sample = _per_sample(samples)
+    prompt_room = max(len(s.prompt_ids) for s in samples)
+    response_room = max(len(s.response_ids) for s in samples)
     longest = max(len(s.prompt_ids) + len(s.response_ids) for s in samples)
-    rows = max(1, max_tokens // longest)
+    width = longest if scored_rows_only else prompt_room + response_room
+    rows = max(1, max_tokens // width)
     batches = []
     for first in range(0, len(samples), rows):
         chunk = range(first, min(first + rows, len(samples)))
-        input_ids = torch.zeros(len(chunk), longest, dtype=torch.long)
-        attention_mask = torch.zeros(len(chunk), longest, dtype=torch.long)
-        flat_index = []
+        input_ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        attention_mask = torch.zeros(len(chunk), width, dtype=torch.long)
+        flat_index, fields = [], {name: [] for name in per_sample}
         for row, i in enumerate(chunk):
-            ids = np.concatenate([samples[i].prompt_ids, samples[i].response_ids])
-            input_ids[row, : len(ids)] = torch.from_numpy(ids)
-            attention_mask[row, : len(ids)] = 1
-            prompt_len = len(samples[i].prompt_ids)
-            flat_index.append(row * longest + torch.arange(prompt_len - 1, len(ids) - 1))
-        batch = {name: torch.cat([per_sample[name][i] for i in chunk]) for name in per_sample}
-        batch.update(input_ids=input_ids, attention_mask=attention_mask, flat_index=torch.cat(flat_index))
+            prompt, response = samples[i].prompt_ids, samples[i].response_ids
+            start = 0 if scored_rows_only else prompt_room - len(prompt)
+            end = start + len(prompt) + len(response)
+            input_ids[row, start:end] = torch.from_numpy(np.concatenate([prompt, response]))
+            attention_mask[row, start:end] = 1
+            # The positions whose hidden states predict the response tokens (the window's, or the real ones).
+            first_scored = row * width + start + len(prompt) - 1
+            flat_index.append(torch.arange(first_scored, first_scored + len(response)) if scored_rows_only
+                              else torch.arange(row * width + prompt_room - 1, row * width + width - 1))
+            for name, values in per_sample.items():
+                fields[name].append(values[i] if scored_rows_only
+                                    else torch.nn.functional.pad(values[i], (0, response_room - len(response))))
+        batch = {name: torch.cat(values) for name, values in fields.items()}
+        position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+        batch.update(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                     flat_index=torch.cat(flat_index))
         batches.append({k: v.to(device) for k, v in batch.items()})
     return batches
 
@@ -131,16 +161,18 @@ def padded_batches(samples: list[Sample], max_tokens: int, device: torch.device)
 def padded_step(model, batches):
     body, head = model.get_decoder(), model.get_output_embeddings()
     for b in batches:
-        hidden = body(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).last_hidden_state
+        hidden = body(input_ids=b["input_ids"], attention_mask=b["attention_mask"], position_ids=b["position_ids"],
+                      use_cache=False).last_hidden_state
         rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, b["flat_index"])
         policy_loss(head(rows), b["targets"], b["advantages"], b["weights"], old_logprobs=b["old_logprobs"],
                     **LOSS_KWARGS).loss.backward()
 
 
 def prepare(method: str, cfg: dict, samples: list[Sample], device: torch.device):
-    """(batches, step, computed tokens, attention implementation) of `method`: "padded" or "packed-<attention>"."""
-    if method == "padded":
-        batches = padded_batches(samples, cfg["max_tokens"], device)
+    """(batches, step, computed tokens, attention implementation) of `method`: one of
+    `PADDED_METHODS` or "packed-<attention>"."""
+    if method in PADDED_METHODS:
+        batches = padded_batches(samples, cfg["max_tokens"], device, scored_rows_only=method == "padded-scored-rows")
         return batches, padded_step, sum(b["input_ids"].numel() for b in batches), PADDED_ATTENTION
     batches = [b.to(device) for b in pack(samples, cfg["max_tokens"])]
     return batches, packed_step, sum(b.num_tokens for b in batches), method.removeprefix("packed-")
@@ -154,7 +186,7 @@ def run(device: torch.device, quick: bool) -> list[dict]:
     model = make_model(cfg, device)
     samples = make_samples(cfg)
     real_tokens = sum(len(s.prompt_ids) + len(s.response_ids) for s in samples)
-    names = [f"packed-{attn}" for attn in packed_attentions(device)] + ["padded"]
+    names = [f"packed-{attn}" for attn in packed_attentions(device)] + list(PADDED_METHODS)
     methods = {name: prepare(name, cfg, samples, device) for name in names}
 
     def setup(name):
@@ -193,11 +225,12 @@ def run(device: torch.device, quick: bool) -> list[dict]:
         ))
         if device.type == "cpu":  # CPU time is what a loaded machine's other processes do not inflate
             rows[-1]["cpu_ms"] = round(statistics.median(cpu for _, cpu in times[name]), 1)
-    padded = rows[-1]
+    padded, scored_rows = (next(row for row in rows if row["method"] == name) for name in PADDED_METHODS)
     for row in rows:
-        row["speedup"] = round(padded["ms"] / row["ms"], 2)
-        if "cpu_ms" in row:
-            row["cpu_speedup"] = round(padded["cpu_ms"] / row["cpu_ms"], 2)
+        for suffix, baseline in (("", padded), ("_vs_scored_rows", scored_rows)):
+            row["speedup" + suffix] = round(baseline["ms"] / row["ms"], 2)
+            if "cpu_ms" in row:
+                row["cpu_speedup" + suffix] = round(baseline["cpu_ms"] / row["cpu_ms"], 2)
     rows[0]["default"] = True
     return rows
 

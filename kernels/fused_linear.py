@@ -8,7 +8,9 @@ Two algorithms (`fused_linear_algorithms.py`, registered as ops in `ops.py`):
   is written once per slice.
 - `chunk_size=c`: chunks of c rows with their full [c, V] logits, three GEMMs (6 T H V)
   but the [V, H] head gradient is accumulated (in float32) once per chunk. Chunks of
-  >= 1,024 rows are the faster choice where their logits fit in memory.
+  >= 1,024 rows are the faster choice where their logits fit in memory. The default
+  takes them, with gradients, where they fit the split's own budget (small vocabularies
+  or short batches: `fused_linear_algorithms.row_chunks_within_budget`).
 
 Either way the gradients are complete when the forward returns; the backward only scales
 them by the incoming gradient (and skips that when it is 1).
@@ -117,7 +119,8 @@ def fused_linear_policy_loss(
         targets, advantages, weights and every keyword of `policy_loss`, same meaning.
             `inplace_backward` changes nothing here: each chunk's logits always take their
             own gradient in place.
-        chunk_size: None (default) for the memory-lean vocabulary split (module docstring);
+        chunk_size: None (default) for the memory-lean vocabulary split, or row chunks
+            where they fit its memory budget (module docstring);
             an int for chunks of that many rows with their full logits (faster where
             chunk_size * V logits fit: >= 1,024 rows recommended).
 

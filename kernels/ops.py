@@ -164,8 +164,9 @@ def _(grad, scale):
     return None
 
 
-# The fused-linear ops: `chunk_size` None runs the vocabulary split, an int the row chunks
-# (fused_linear_algorithms.py); gradients not asked for come back as empty tensors.
+# The fused-linear ops: `chunk_size` None runs the vocabulary split (or, with gradients, row
+# chunks where they fit its memory budget), an int the row chunks (fused_linear_algorithms.py);
+# gradients not asked for come back as empty tensors.
 torch.library.define(
     "siri::fused_linear_policy_loss",
     "(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor advantages, Tensor weights, "
@@ -195,6 +196,8 @@ def _fused_linear_policy_loss_op(hidden, weight, bias, targets, advantages, weig
         old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs))
     impl = resolve_backend(backend, hidden.device)
     per_token = [_float32(t) for t in (advantages, weights, old_logprobs, ref_logprobs, rollout_logprobs)]
+    if chunk_size is None and (grad_hidden or grad_weight):  # three GEMMs instead of four where they fit
+        chunk_size = linear.row_chunks_within_budget(num_rows, vocab, hidden.shape[1], hidden.dtype.itemsize)
     if chunk_size is None:
         algorithm = linear.vocab_split_policy_loss
         size = linear.vocab_slice_size(num_rows, vocab, hidden.dtype.itemsize)

@@ -97,15 +97,25 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, *, cu_seq_l
     if sliding_window is not None:
         raise ValueError(f"packed_sdpa: sliding-window layers (window {sliding_window}) are not supported; "
                          "use flash_attention_2, or sdpa (which builds a dense mask of a packed micro-batch)")
+    if kwargs.get("softcap") is not None:
+        raise ValueError("packed_sdpa: attention logit soft-capping is not supported; use flash_attention_2 or eager")
     batch_size, _, length, _ = query.shape
+    scale = kwargs.get("scaling")
+    dropout = kwargs.get("dropout", 0.0)
+    gqa = getattr(module, "num_key_value_groups", 1) > 1
     rows = []
     for row, bounds in enumerate(_sample_bounds(cu_seq_lens_q, cu_seq_lens_k, position_ids, batch_size, length)):
+        lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
+        # split, not slicing: its backward writes each sample's gradient into one [N] buffer
+        # (a single concatenation), where every slice's backward would zero a buffer of all N
+        # positions and the buffers would then be summed (samples x N work per layer).
         pieces = [
-            _transformers_sdpa(module, query[row:row + 1, :, start:end], key[row:row + 1, :, start:end],
-                           value[row:row + 1, :, start:end], None, **kwargs)[0]
-            for start, end in zip(bounds[:-1], bounds[1:])
+            torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, dropout_p=dropout, scale=scale, is_causal=True, enable_gqa=gqa,
+            ).transpose(1, 2)  # [1, len, Hq, D], a view: the concatenation below is the one copy
+            for q, k, v in zip(*(t[row:row + 1].split(lengths, dim=2) for t in (query, key, value)))
         ]
-        rows.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1))  # [1, len, Hq, D] each
+        rows.append(torch.cat(pieces, dim=1))
     return (rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)), None
 
 

@@ -30,13 +30,13 @@ class Module(torch.nn.Module):
     num_key_value_groups = HEADS // KV_HEADS
 
 
-def reference(query, key, value, segment_ids):
+def reference(query, key, value, segment_ids, scale=HEAD_DIM ** -0.5):
     """float64 attention over one row with a block-diagonal causal mask: [N, Hq, D]."""
     q, k, v = (t.double()[0] for t in (query, key, value))
     k, v = (t.repeat_interleave(HEADS // KV_HEADS, dim=0) for t in (k, v))
     n = q.shape[1]
     allowed = (segment_ids[:, None] == segment_ids[None, :]) & torch.ones(n, n, dtype=torch.bool).tril()
-    scores = (q @ k.transpose(-1, -2)) / math.sqrt(HEAD_DIM)
+    scores = (q @ k.transpose(-1, -2)) * scale
     return (scores.masked_fill(~allowed, -math.inf).softmax(-1) @ v).transpose(0, 1)
 
 
@@ -67,6 +67,15 @@ def test_each_sample_attends_alone_from_cu_seq_lens(lengths):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 
+def test_the_layers_scaling_is_used():
+    lengths = [3, 4]
+    query, key, value = qkv(sum(lengths), seed=2)
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    out, _ = packed_sdpa_attention(Module(), query, key, value, None, cu_seq_lens_q=cu, scaling=0.3)
+    torch.testing.assert_close(out[0].double(), reference(query, key, value, segment_ids(lengths), scale=0.3),
+                               rtol=2e-6, atol=2e-6)
+
+
 def test_samples_come_from_position_ids_without_cu_seq_lens():
     # Two rows packed differently; positions restarting at 0 start a sample, as in transformers.
     rows = [[3, 1, 4], [1, 6, 1]]
@@ -79,7 +88,7 @@ def test_samples_come_from_position_ids_without_cu_seq_lens():
         torch.testing.assert_close(out[row].double(), expected, rtol=2e-6, atol=2e-6)
 
 
-def test_bad_boundaries_and_sliding_windows_are_refused():
+def test_bad_boundaries_sliding_windows_and_soft_caps_are_refused():
     query, key, value = qkv(6)
     with pytest.raises(ValueError, match="cu_seq_lens_q"):
         packed_sdpa_attention(Module(), query, key, value, None, cu_seq_lens_q=torch.tensor([0, 2, 5]))
@@ -88,6 +97,9 @@ def test_bad_boundaries_and_sliding_windows_are_refused():
                               cu_seq_lens_k=torch.tensor([0, 3, 6]))
     with pytest.raises(ValueError, match="sliding-window"):
         packed_sdpa_attention(Module(), query, key, value, None, sliding_window=4)
+    # Calling PyTorch's SDPA directly must not drop a soft-cap silently (Gemma 2's layers pass one).
+    with pytest.raises(ValueError, match="soft-capping"):
+        packed_sdpa_attention(Module(), query, key, value, None, softcap=50.0)
 
 
 @pytest.fixture

@@ -222,6 +222,42 @@ def test_vocab_slice_size(monkeypatch):
     assert vocab_slice_size(10, 100, 4)[0] == 100
 
 
+def test_row_chunks_within_budget(monkeypatch):
+    monkeypatch.undo()  # the real budget, not the small_slices fixture's
+    chunks = fused_linear_algorithms.row_chunks_within_budget
+    # Small vocabularies: every row in one chunk, or chunks of the rows the split's 32 MiB floor holds.
+    assert chunks(757, 8192, 128, 4) == 757
+    assert chunks(4096, 8192, 128, 4) == 1024
+    assert chunks(10, 100, 4, 4) == 10
+    # Qwen2's vocabulary: the split (a bf16 head's float32 gradient accumulator alone exceeds the budget).
+    assert chunks(16_384, 151_936, 1536, 2) is None
+    assert chunks(2048, 151_936, 64, 4) is None
+    # Chunks shorter than 1,024 rows of a longer batch: the split.
+    assert chunks(4096, 32_000, 128, 4) is None
+    assert chunks(0, 100, 4, 4) is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_default_takes_row_chunks_where_they_fit(backend, monkeypatch):
+    monkeypatch.undo()  # the real budget: these shapes fit it
+    taken = []
+    row_chunks = fused_linear_algorithms.row_chunked_policy_loss
+
+    def spy(*args):
+        taken.append(args[-3])  # chunk_size
+        return row_chunks(*args)
+
+    monkeypatch.setattr(fused_linear_algorithms, "row_chunked_policy_loss", spy)
+    check(backend, 40, 24, 300, OPTION_SETS["everything"], chunk_size=None, with_bias=True, seed=5)
+    assert taken == [40]
+    # Without gradients both do one GEMM per slice or chunk: the split, as before.
+    hidden, weight, bias = make_linear(40, 24, 300, torch.float32, 5, True)
+    _, targets, advantages, weights, _ = make_case(40, 300, torch.float32, {}, seed=5, device=DEVICE)
+    with torch.no_grad():
+        fused_linear_policy_loss(hidden, weight, targets, advantages, weights, bias=bias, backend=backend)
+    assert taken == [40]
+
+
 def test_compiles_without_graph_break():
     torch._dynamo.reset()
     hidden, weight, bias = make_linear(20, 16, 64, torch.float32, 2, True)
