@@ -108,8 +108,8 @@ def siri_head(hidden, weight, targets):
 
 # name -> (head, the distribution it needs)
 HEADS = {
-    "trl-chunked": (trl_head, "trl"),
-    "verl-fused-torch": (verl_head, "verl"),
+    "trl-chunked": (trl_head, peers.TRL),
+    "verl-fused-torch": (verl_head, peers.VERL),
     "siri-token-logprobs": (siri_head, None),
 }
 

@@ -4,6 +4,8 @@
   (logits in, cross-entropy: the same traffic as the GRPO loss, not the same loss) and
   `LigerFusedLinearGRPOLoss` (hidden states and LM head in, chunked over sequences).
 - Cut Cross-Entropy: `linear_cross_entropy` (hidden states and LM head in, cross-entropy).
+- TRL and verl: their own fused log-prob heads (benchmarks/fused_linear_bench.py), the extras
+  `trl` and `verl` of setup.py.
 
 Each row names the peer's version. Peers take [B, L] sequences where siri takes T packed
 rows: the benchmarks cut T rows into B = T / SEQUENCE_LENGTH sequences of equal length.
@@ -16,6 +18,8 @@ import importlib.metadata
 
 LIGER = "liger-kernel"
 CCE = "cut-cross-entropy"
+TRL = "trl"
+VERL = "verl"
 SEQUENCE_LENGTH = 1024
 
 enabled = True  # run.py --no-peers turns it off

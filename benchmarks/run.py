@@ -66,7 +66,7 @@ def versions() -> dict:
             found[package] = importlib.import_module(package).__version__
         except ImportError:
             found[package] = None
-    for peer in (peers.LIGER, peers.CCE):  # None: absent, or left out by --no-peers
+    for peer in (peers.LIGER, peers.CCE, peers.TRL, peers.VERL):  # None: absent, or left out by --no-peers
         found[peer] = peers.version(peer)
     if torch.cuda.is_available():
         found["cuda"] = torch.version.cuda

@@ -97,7 +97,8 @@ void policy_loss_rows(const at::Tensor& logits, const at::Tensor& targets, const
                       double ratio_log_clamp, const at::Tensor& logprobs, const at::Tensor& entropy,
                       const at::Tensor& loss, const at::Tensor& kl, const at::Tensor& clipped,
                       const OptionalTensor& grad_logits) {
-  TORCH_CHECK(kl_estimator >= 1 && kl_estimator <= 3, "kl_estimator must be 1, 2 or 3 (k1, k2, k3)");
+  TORCH_CHECK(kl_estimator >= 1 && kl_estimator <= 5,
+              "kl_estimator must be 1 to 5 (k1, k2, k3, low_var_kl, k3_ratio)");
   PolicyLossArgs args;
   args.rows = rows_view(logits, targets, grad_logits);
   args.in = {row_values(advantages, "advantages", logits), row_values(weights, "weights", logits),

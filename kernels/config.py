@@ -11,8 +11,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-# KL estimators of d = ref - logp (Schulman's k1, k2, k3); the integer is what kernels take.
-KL_ESTIMATORS = {"k1": 1, "k2": 2, "k3": 3}
+# KL estimators of d = ref - logp: Schulman's k1, k2, k3; "low_var_kl", k3 clamped above at
+# LOW_VAR_KL_CLAMP as verl and OpenRLHF clamp it (k3 >= 0, so only the upper bound of their
+# [-10, 10] can bind); "k3_ratio", k3 times the importance ratio r_t, differentiable through
+# r_t, as TRL's `use_bias_correction_kl`. The integer is what kernels take.
+KL_ESTIMATORS = {"k1": 1, "k2": 2, "k3": 3, "low_var_kl": 4, "k3_ratio": 5}
+LOW_VAR_KL_CLAMP = 10.0
 
 # The importance ratio is exp(clamp(logp - old, -RATIO_LOG_CLAMP, RATIO_LOG_CLAMP)):
 # exp(20) ~ 4.9e8 keeps the ratio finite in float32 while never binding in practice.

@@ -14,7 +14,10 @@ from typing import NamedTuple
 
 import torch
 
-from .config import CLIP_DUAL, CLIP_NONE, CLIP_RATIO, RATIO_LOG_CLAMP, LossConfig
+from .config import CLIP_DUAL, CLIP_NONE, CLIP_RATIO, LOW_VAR_KL_CLAMP, RATIO_LOG_CLAMP, LossConfig
+
+# verl's low_var_kl clamps d = ref - logp to [-20, 20] before exp(d).
+_VERL_KL_LOG_CLAMP = 20.0
 
 
 def logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0):
@@ -51,12 +54,22 @@ def logits_gradient(logits, targets, temperature, lse, entropy, c, e):
 
 
 def kl_penalty(logp: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
-    """Per-token KL estimate to the reference policy, with d = ref - logp."""
+    """Per-token KL estimate to the reference policy, with d = ref - logp, before any ratio.
+
+    "k3_ratio" is k3 here; `per_token_loss` multiplies it by the importance ratio.
+    """
     d = ref_logprobs - logp
     if estimator == "k1":
         return -d
     if estimator == "k2":
         return 0.5 * d * d
+    if estimator == "low_var_kl":
+        # As verl computes it: d clamped to [-20, 20] first, which changes no value (k3 > 10 at
+        # |d| >= 20) but keeps autograd finite where d is infinite; where a clamp binds the value is
+        # constant, no gradient. Clamped by comparisons, so that NaN stays NaN.
+        d = clamp_keep_nan(d, -_VERL_KL_LOG_CLAMP, _VERL_KL_LOG_CLAMP)
+        k3 = torch.exp(d) - d - 1.0
+        return torch.where(k3 > LOW_VAR_KL_CLAMP, torch.full_like(k3, LOW_VAR_KL_CLAMP), k3)
     exp_d = torch.exp(d)
     # exp(d) - d - 1 tends to +inf as d -> +inf (a target of probability 0), where the formula
     # itself evaluates inf - inf; the exp(d) branch carries that value and its slope.
@@ -70,7 +83,10 @@ def kl_slope(logp: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> 
         return torch.ones_like(d)
     if estimator == "k2":
         return -d
-    return 1.0 - torch.exp(d)
+    k3_slope = 1.0 - torch.exp(d)
+    if estimator == "low_var_kl":
+        return torch.where(kl_penalty(logp, ref_logprobs, "k3") > LOW_VAR_KL_CLAMP, torch.zeros_like(d), k3_slope)
+    return k3_slope
 
 
 class _ZeroWithUnitSlope(torch.autograd.Function):
@@ -85,12 +101,11 @@ class _ZeroWithUnitSlope(torch.autograd.Function):
         return grad
 
 
-def clamp_log_ratio(log_ratio: torch.Tensor) -> torch.Tensor:
-    """clamp(log_ratio, -RATIO_LOG_CLAMP, RATIO_LOG_CLAMP) whose gradient passes at the bounds
-    (as torch.clamp's) and at NaN (torch.clamp's is 0 there): NaN in gives NaN out, value and slope."""
-    low = torch.full_like(log_ratio, -RATIO_LOG_CLAMP)
-    high = torch.full_like(log_ratio, RATIO_LOG_CLAMP)
-    return torch.where(log_ratio < low, low, torch.where(log_ratio > high, high, log_ratio))
+def clamp_keep_nan(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """clamp(x, low, high) whose gradient passes at the bounds (as torch.clamp's) and at NaN
+    (torch.clamp's is 0 there): NaN in gives NaN out, value and slope."""
+    low_t, high_t = torch.full_like(x, low), torch.full_like(x, high)
+    return torch.where(x < low_t, low_t, torch.where(x > high_t, high_t, x))
 
 
 def per_token_loss(logp, entropy, advantages, old_logprobs, ref_logprobs, rollout_logprobs, cfg: LossConfig):
@@ -104,7 +119,7 @@ def per_token_loss(logp, entropy, advantages, old_logprobs, ref_logprobs, rollou
     """
     old = logp.detach() if old_logprobs is None else old_logprobs
     log_ratio = _ZeroWithUnitSlope.apply(logp) if old_logprobs is None else logp - old
-    ratio = torch.exp(clamp_log_ratio(log_ratio))
+    ratio = torch.exp(clamp_keep_nan(log_ratio, -RATIO_LOG_CLAMP, RATIO_LOG_CLAMP))
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - cfg.clip_low, 1.0 + cfg.clip_high)
     pg = torch.maximum(unclipped, clipped)
@@ -132,9 +147,14 @@ def per_token_loss(logp, entropy, advantages, old_logprobs, ref_logprobs, rollou
     loss = pg - cfg.entropy_coef * entropy
     if ref_logprobs is not None:
         kl = kl_penalty(logp, ref_logprobs, cfg.kl_estimator)
+        dkl_dlogp = kl_slope(logp, ref_logprobs, cfg.kl_estimator)
+        if cfg.kl_estimator == "k3_ratio":
+            # (k3 r)' = k3' r + k3 r', with r' = r unless the log-ratio clamp binds.
+            dkl_dlogp = dkl_dlogp * ratio + torch.where(clamp_binds, torch.zeros_like(kl), kl * ratio)
+            kl = kl * ratio
         if cfg.kl_coef != 0:
             loss = loss + cfg.kl_coef * kl
-            slope = slope + cfg.kl_coef * kl_slope(logp, ref_logprobs, cfg.kl_estimator)
+            slope = slope + cfg.kl_coef * dkl_dlogp
     else:
         kl = torch.zeros_like(logp)
     return loss, kl, clip_code.to(torch.float32), slope.detach()

@@ -35,6 +35,8 @@ target adds c / tau.
 import triton
 import triton.language as tl
 
+from .config import LOW_VAR_KL_CLAMP as _LOW_VAR_KL_CLAMP
+
 # Tile of a row streamed through registers: 8192 float32 values over 16 warps is 16 per
 # thread (two 16-byte bf16 loads), few loop trips at V = 151,936 (18 full tiles and a tail)
 # and no spills.
@@ -43,6 +45,8 @@ MAX_BLOCK_V = 8192
 # values per thread at 16 warps): read from HBM once whatever L2 does.
 MAX_ROW_ON_CHIP = 16384
 
+# The bound of kl_estimator="low_var_kl" (config.LOW_VAR_KL_CLAMP).
+LOW_VAR_KL_CLAMP = tl.constexpr(_LOW_VAR_KL_CLAMP)
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 # Running maximum's starting value: finite, so that exp2(start - m) is exactly 0 and
@@ -279,6 +283,15 @@ def _token_loss(
             # formula itself would evaluate inf - inf.
             kl = tl.where(d == float("inf"), exp_d, exp_d - d - 1.0)
             dkl_dlogp = 1.0 - exp_d
+            if KL_ESTIMATOR == 4:
+                # low_var_kl: k3 clamped above, no gradient where the clamp binds; NaN stays NaN.
+                kl_clamp_binds = kl > LOW_VAR_KL_CLAMP
+                kl = tl.where(kl_clamp_binds, LOW_VAR_KL_CLAMP, kl)
+                dkl_dlogp = tl.where(kl_clamp_binds, 0.0, dkl_dlogp)
+            if KL_ESTIMATOR == 5:
+                # k3_ratio: (k3 r)' = k3' r + k3 r', with r' = r unless the log-ratio clamp binds.
+                dkl_dlogp = dkl_dlogp * ratio + tl.where(clamp_binds, 0.0, kl * ratio)
+                kl = kl * ratio
     # A zero kl_coef leaves the KL (reported, possibly infinite) out of the loss.
     kl_term = tl.where(kl_coef != 0, kl_coef * kl, 0.0)
     dkl_term = tl.where(kl_coef != 0, kl_coef * dkl_dlogp, 0.0)

@@ -92,7 +92,7 @@ POLICY_LOSS = Launch(
     ),
     # KL_ESTIMATOR: the ids of config.KL_ESTIMATORS; "k3" (the default) is what runs when HAS_REF is off.
     switches=dict(
-        HAS_OLD=_OFF_ON, HAS_REF=_OFF_ON, KL_ESTIMATOR=(3, 1, 2), HAS_DUAL_CLIP=_OFF_ON, HAS_TIS=_OFF_ON,
+        HAS_OLD=_OFF_ON, HAS_REF=_OFF_ON, KL_ESTIMATOR=(3, 1, 2, 4, 5), HAS_DUAL_CLIP=_OFF_ON, HAS_TIS=_OFF_ON,
         HAS_ENTROPY_GRAD=_OFF_ON, COMPUTE_GRAD=_OFF_ON,
     ),
     options=_LOGITS_OPTIONS,

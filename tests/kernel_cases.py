@@ -23,6 +23,11 @@ OPTION_SETS = {
     "kl-k1": dict(ref=True, kl_coef=0.1, kl_estimator="k1"),
     "kl-k2": dict(ref=True, kl_coef=0.1, kl_estimator="k2"),
     "kl-k3": dict(ref=True, kl_coef=0.1, kl_estimator="k3"),
+    # Reference log-probs spread far enough (ref_spread) that the clamp of k3 at 10 binds on some rows.
+    "kl-low-var-kl": dict(old=True, ref=True, ref_spread=3.0, kl_coef=0.1, kl_estimator="low_var_kl"),
+    "kl-low-var-kl-on-policy": dict(ref=True, ref_spread=3.0, kl_coef=0.1, kl_estimator="low_var_kl"),
+    "kl-k3-ratio": dict(old=True, ref=True, kl_coef=0.1, kl_estimator="k3_ratio"),
+    "kl-k3-ratio-on-policy": dict(ref=True, kl_coef=0.1, kl_estimator="k3_ratio"),
     "entropy": dict(entropy_coef=0.05),
     "temperature": dict(old=True, temperature=0.7),
     "everything": dict(old=True, ref=True, rollout=True, tis_cap=1.5, dual_clip=2.5, kl_coef=0.2,
@@ -30,6 +35,8 @@ OPTION_SETS = {
 }
 
 _TENSOR_FLAGS = ("old", "ref", "rollout")
+# Options of the inputs, not keywords of the loss: the spread of ref_logprobs around the true log-probs.
+_INPUT_OPTIONS = ("ref_spread",)
 
 
 def backends_on(device) -> list[str]:
@@ -56,10 +63,10 @@ def make_case(num_rows, vocab, dtype, options, *, seed, device="cpu", target_dty
     true_logp = true_logp.gather(-1, targets.clamp(0, vocab - 1)[:, None])[:, 0].float()
     per_token = {
         "old": true_logp + 0.3 * torch.randn(num_rows, generator=gen),
-        "ref": true_logp + 0.5 * torch.randn(num_rows, generator=gen),
+        "ref": true_logp + options.get("ref_spread", 0.5) * torch.randn(num_rows, generator=gen),
         "rollout": true_logp + 0.4 * torch.randn(num_rows, generator=gen),
     }
-    keywords = {k: v for k, v in options.items() if k not in _TENSOR_FLAGS}
+    keywords = {k: v for k, v in options.items() if k not in _TENSOR_FLAGS + _INPUT_OPTIONS}
     for flag in _TENSOR_FLAGS:
         if options.get(flag):
             keywords[f"{flag}_logprobs"] = per_token[flag].to(device)

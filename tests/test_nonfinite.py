@@ -115,6 +115,11 @@ CASES = {
     "masked-target-k1": (MASKED, [2], dict(ref=[-1.0], kl_coef=0.1, kl_estimator="k1")),
     "masked-target-k2": (MASKED, [2], dict(ref=[-1.0], kl_coef=0.1, kl_estimator="k2")),
     "masked-target-k3": (MASKED, [2], dict(ref=[-1.0], kl_coef=0.1, kl_estimator="k3")),
+    # Clamped at 10 with no gradient: a finite loss and gradient where k3 is infinite.
+    "masked-target-low-var-kl": (MASKED, [2], dict(ref=[-1.0], kl_coef=0.1, kl_estimator="low_var_kl")),
+    "masked-target-k3-ratio": (MASKED, [2], dict(ref=[-1.0], kl_coef=0.1, kl_estimator="k3_ratio")),
+    "masked-target-k3-ratio-off-policy": (MASKED, [2], dict(old=[-1.0], ref=[-1.0], kl_coef=0.1,
+                                                            kl_estimator="k3_ratio")),
     "masked-target-kl-coef-0": (MASKED, [2], dict(ref=[-1.0], kl_coef=0.0)),
     "old-minus-inf": (MASKED, [1], dict(old=[-INF], dual_clip=3.0)),
     "only-minus-inf": ([[-INF, -INF, -INF]], [1], dict()),

@@ -249,3 +249,33 @@ def test_second_backward_through_a_retained_graph(backend):
     torch.testing.assert_close(x.grad, 5 * once)
     with pytest.raises(RuntimeError, match="second backward.*retain_graph.*3.0"):
         (out.loss * 2).backward()
+
+
+@pytest.mark.parametrize("options", ["kl-low-var-kl", "kl-low-var-kl-on-policy"])
+def test_low_var_kl_cases_reach_the_clamp(options):
+    """The low_var_kl option sets have active rows on both sides of the clamp, so the backends'
+    comparisons with the oracle cover the rows where it binds (value 10, no gradient)."""
+    logits, targets, _, weights, kw = make_case(37, 4099, torch.float32, OPTION_SETS[options], seed=0)
+    logp = torch.log_softmax(logits.double(), -1).gather(-1, targets.clamp(0, 4098)[:, None])[:, 0]
+    d = kw["ref_logprobs"].double() - logp
+    k3 = (torch.exp(d) - d - 1)[weights > 0]
+    assert (k3 > 10).sum() >= 3 and (k3 < 10).sum() >= 3
+
+
+@pytest.mark.parametrize("estimator", ["low_var_kl", "k3_ratio"])
+@pytest.mark.parametrize("old", [False, True], ids=["on-policy", "off-policy"])
+def test_hand_slope_of_the_new_estimators_is_autograds(estimator, old):
+    """The slope the torch backend uses (per_token_loss) is autograd's, in float64, across the clamp."""
+    from siri.kernels.reference import per_token_loss
+
+    gen = torch.Generator().manual_seed(3)
+    logp = (torch.randn(200, generator=gen, dtype=torch.float64) - 2).requires_grad_(True)
+    ref = logp.detach() + 4 * torch.randn(200, generator=gen, dtype=torch.float64)
+    old_logprobs = logp.detach() + 0.3 * torch.randn(200, generator=gen, dtype=torch.float64) if old else None
+    cfg = loss_config(dict(kl_coef=0.3, kl_estimator=estimator))
+    loss, kl, _, slope = per_token_loss(logp, torch.zeros_like(logp), torch.zeros_like(logp), old_logprobs, ref,
+                                        None, cfg)
+    (autograd_slope,) = torch.autograd.grad(loss.sum(), [logp])
+    torch.testing.assert_close(slope, autograd_slope)
+    if estimator == "low_var_kl":
+        assert (kl == 10).any() and (slope[kl == 10] == 0).all() and (kl < 10).any()

@@ -73,9 +73,10 @@ def make_inputs(vocab, seed, *, batch=5, prompt=3, length=MAX_COMPLETION):
 
 
 def configure(trainer, *, loss_type, beta=0.0, entropy_coef=0.0, delta=None, accumulation=1, vllm_is=False,
-              epsilon_high=0.28):
+              epsilon_high=0.28, bias_correction=False):
     trainer.loss_type = trainer.args.loss_type = loss_type
     trainer.beta = beta
+    trainer.args.use_bias_correction_kl = bias_correction
     trainer.entropy_coef = entropy_coef
     trainer._entropy_bonus_enabled = entropy_coef != 0.0
     trainer.args.delta = delta
@@ -104,6 +105,11 @@ CASES = [
     dict(loss_type="grpo", entropy_coef=0.05, accumulation=2),
     dict(loss_type="bnpo", beta=0.04, entropy_coef=0.02),
     dict(loss_type="dapo", beta=0.04, entropy_coef=0.03, epsilon_high=0.2),
+    # TRL's default use_bias_correction_kl=True: k3 times the importance ratio (kl_estimator="k3_ratio").
+    dict(loss_type="grpo", beta=0.04, bias_correction=True),
+    dict(loss_type="dapo", beta=0.1, vllm_is=True, delta=1.6, bias_correction=True),
+    dict(loss_type="bnpo", beta=0.04, entropy_coef=0.02, bias_correction=True),
+    dict(loss_type="dr_grpo", beta=0.2, entropy_coef=0.03, accumulation=2, bias_correction=True),
 ]
 
 
@@ -163,16 +169,12 @@ def test_refuses_what_it_cannot_reproduce(model_dir, tmp_path, setting, message)
                         train_dataset=prompts())
 
 
-def test_refuses_kl_bias_correction(model_dir, tmp_path):
-    args = config(tmp_path, beta=0.04, use_bias_correction_kl=True)
-    with pytest.raises(ValueError, match="use_bias_correction_kl"):
-        SiriGRPOTrainer(model=model_dir, reward_funcs=length_reward, args=args, train_dataset=prompts())
-
-
-@pytest.mark.parametrize("loss_type, beta, entropy_coef", [("dapo", 0.0, 0.0), ("grpo", 0.04, 0.01)])
-def test_training_steps_change_the_model(model_dir, tmp_path, loss_type, beta, entropy_coef):
+@pytest.mark.parametrize("loss_type, beta, entropy_coef, bias_correction",
+                         [("dapo", 0.0, 0.0, False), ("grpo", 0.04, 0.01, False), ("bnpo", 0.04, 0.0, True)])
+def test_training_steps_change_the_model(model_dir, tmp_path, loss_type, beta, entropy_coef, bias_correction):
     args = config(tmp_path, loss_type=loss_type, beta=beta, entropy_coef=entropy_coef, max_steps=3,
-                  gradient_accumulation_steps=2, per_device_train_batch_size=2, num_iterations=2)
+                  gradient_accumulation_steps=2, per_device_train_batch_size=2, num_iterations=2,
+                  use_bias_correction_kl=bias_correction)
     trainer = SiriGRPOTrainer(model=model_dir, reward_funcs=length_reward, args=args, train_dataset=prompts())
     before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
     trainer.train()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 import re
 
@@ -58,6 +59,28 @@ def test_weights_equal_verl_agg_loss(mode, global_info):
         torch.testing.assert_close((weights.double() * loss_mat).sum(), expected, rtol=1e-6, atol=1e-7)
 
 
+def test_low_var_kl_is_verls_kl_penalty():
+    """The oracle's low_var_kl is verl's kl_penalty "low_var_kl" (and "k3"), value and gradient, in
+    float64, on both sides of both clamps, at the clamps' edges and at infinite d."""
+    from verl.trainer.ppo.core_algos import kl_penalty
+
+    from siri.kernels.reference import kl_penalty as oracle_kl, kl_slope
+
+    d = torch.cat([torch.linspace(-30, 30, 601, dtype=torch.float64),
+                   torch.tensor([-20.0, 20.0, -11.0, 2.5, float("inf"), -float("inf")], dtype=torch.float64)])
+    ref = torch.full_like(d, -2.0)
+    logp = (ref - d).requires_grad_(True)
+    ours = oracle_kl(logp, ref, "low_var_kl")
+    (our_grad,) = torch.autograd.grad(ours.sum(), [logp])
+    assert ((ours == 10) & (d.abs() < 20)).any() and (ours < 10).any()
+    for name in ("low_var_kl", "k3"):
+        theirs = kl_penalty(logp, ref, name)
+        (their_grad,) = torch.autograd.grad(theirs.sum(), [logp])
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(our_grad, their_grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(kl_slope(logp.detach(), ref, "low_var_kl"), their_grad, rtol=1e-12, atol=1e-12)
+
+
 def test_seq_mean_token_sum_norm_divides_by_sequences_and_length():
     mask = torch.ones(3, 4)
     weights = verl_loss_weights(mask, "seq-mean-token-sum-norm", global_batch_size=3, loss_scale_factor=8)
@@ -66,7 +89,6 @@ def test_seq_mean_token_sum_norm_divides_by_sequences_and_length():
 
 @pytest.mark.parametrize("setting, message", [
     (dict(policy_loss={"loss_mode": "gspo"}), "loss_mode"),
-    (dict(use_kl_loss=True, kl_loss_type="low_var_kl"), "kl_loss_type='low_var_kl'"),
     (dict(use_kl_loss=True, kl_loss_type="k3+"), "kl_loss_type='k3\\+'"),
     (dict(use_kl_loss=True, kl_loss_type="abs"), "kl_loss_type='abs'"),
 ])
@@ -77,13 +99,17 @@ def test_refuses_what_it_cannot_reproduce(setting, message):
 def test_engine_refuses_an_unsupported_loss(engine_pair):
     _, ours = engine_pair
     data = make_batch(ours.module.config.vocab_size, seed=0)
-    config = actor_config(use_kl_loss=True, kl_loss_type="low_var_kl")
-    with ours.train_mode(), pytest.raises(ValueError, match="kl_loss_type='low_var_kl'"):
+    config = actor_config(use_kl_loss=True, kl_loss_type="abs")
+    with ours.train_mode(), pytest.raises(ValueError, match="kl_loss_type='abs'"):
         ours.forward_backward_batch(data, functools.partial(ppo_loss, config=config), forward_only=False)
 
 
-def make_batch(vocab, seed, *, batch=4, prompt=3, response=6):
-    """A left/right padded rollout batch as verl's trainer hands it to the actor, in its no-padding form."""
+def make_batch(vocab, seed, *, batch=4, prompt=3, response=6, far_ref=False):
+    """A left/right padded rollout batch as verl's trainer hands it to the actor, in its no-padding form.
+
+    far_ref: every other response token's reference log-prob 12 below the untrained model's
+    (about -log V), where verl's clamp of k3 at 10 binds; the others stay near the old log-probs.
+    """
     generator = torch.Generator().manual_seed(seed)
     prompt_lens, response_lens = [3, 2, 3, 1][:batch], [6, 4, 1, 3][:batch]
     input_ids = torch.zeros(batch, prompt + response, dtype=torch.long)
@@ -94,11 +120,14 @@ def make_batch(vocab, seed, *, batch=4, prompt=3, response=6):
     response_mask = attention_mask[:, prompt:].clone()
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     old = -torch.rand(batch, response, generator=generator) * 3
+    ref = old + 0.3 * torch.randn(batch, response, generator=generator)
+    if far_ref:
+        ref[:, ::2] = -math.log(vocab) - 12.0
     fields = dict(
         input_ids=input_ids, attention_mask=attention_mask, response_mask=response_mask, position_ids=position_ids,
         prompts=input_ids[:, :prompt], responses=input_ids[:, prompt:], old_log_probs=old,
         advantages=torch.randn(batch, 1, generator=generator).expand(batch, response).contiguous(),
-        ref_log_prob=old + 0.3 * torch.randn(batch, response, generator=generator),
+        ref_log_prob=ref,
         rollout_is_weights=0.5 + torch.rand(batch, response, generator=generator),
     )
     data = left_right_2_no_padding(TensorDict(fields, batch_size=[batch]))
@@ -147,6 +176,11 @@ CASES = [
     dict(loss_agg_mode="seq-mean-token-mean", use_kl_loss=True, kl_loss_type="mse", kl_loss_coef=0.05,
          entropy_coeff=0.02),
     dict(loss_agg_mode="seq-mean-token-sum-norm", loss_scale_factor=4, clip_ratio_c=2.0),
+    # verl's k3 clamped to [-10, 10] (the kernel's low_var_kl), with the clamp binding on half the tokens.
+    dict(loss_agg_mode="token-mean", use_kl_loss=True, kl_loss_type="low_var_kl", kl_loss_coef=0.1, far_ref=True),
+    dict(loss_agg_mode="seq-mean-token-mean", use_kl_loss=True, kl_loss_type="k3", kl_loss_coef=0.05,
+         entropy_coeff=0.01, far_ref=True),
+    dict(loss_agg_mode="seq-mean-token-sum", use_kl_loss=True, kl_loss_type="low_var_kl", kl_loss_coef=0.2),
 ]
 
 
@@ -154,11 +188,13 @@ CASES = [
 @pytest.mark.parametrize("rollout_is", [False, True], ids=["no_is", "rollout_is"])
 def test_engine_step_matches_verl(engine_pair, case, rollout_is):
     theirs, ours = engine_pair
+    case = dict(case)
+    far_ref = case.pop("far_ref", False)
     config = actor_config(**case)
     loss_function = functools.partial(ppo_loss, config=config)
     results = []
     for engine in (theirs, ours):
-        data = make_batch(engine.module.config.vocab_size, seed=len(results) * 0 + 7)
+        data = make_batch(engine.module.config.vocab_size, seed=7, far_ref=far_ref)
         if not rollout_is:
             data.pop("rollout_is_weights")
         tu.assign_non_tensor(data, calculate_entropy=case.get("entropy_coeff", 0) != 0)

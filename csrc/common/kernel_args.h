@@ -13,6 +13,9 @@ constexpr float kClipNone = 0.0f;
 constexpr float kClipRatio = 1.0f;
 constexpr float kClipDual = 2.0f;
 
+// kl_estimator "low_var_kl" is k3 clamped above at this bound (config.LOW_VAR_KL_CLAMP).
+constexpr float kLowVarKlClamp = 10.0f;
+
 // The logits [T, V] (unit stride along V, rows `logits_stride` elements apart), their
 // gradient (same dtype; may be the logits buffer itself, or null when not asked for) and
 // the targets [T] (int32 or int64).
@@ -38,7 +41,7 @@ struct LossSettings {
   float entropy_coef;
   float tis_cap;  // read only when rollout logprobs are given
   float ratio_log_clamp;
-  int kl_estimator;  // 1, 2, 3 for k1, k2, k3 (config.KL_ESTIMATORS)
+  int kl_estimator;  // 1..5: k1, k2, k3, low_var_kl, k3_ratio (config.KL_ESTIMATORS)
   bool has_dual_clip;
 };
 

@@ -118,6 +118,13 @@ SIRI_HOST_DEVICE TokenLoss token_loss(float logp, float entropy, int64_t row, co
       // itself would evaluate inf - inf.
       kl = d == INFINITY ? exp_d : exp_d - d - 1.0f;
       dkl_dlogp = 1.0f - exp_d;
+      if (s.kl_estimator == 4 && kl > kLowVarKlClamp) {  // low_var_kl: the bound, no gradient (NaN stays)
+        kl = kLowVarKlClamp;
+        dkl_dlogp = 0.0f;
+      } else if (s.kl_estimator == 5) {  // k3_ratio: (k3 r)' = k3' r + k3 r', r' = r unless the clamp binds
+        dkl_dlogp = dkl_dlogp * ratio + (clamp_binds ? 0.0f : kl * ratio);
+        kl *= ratio;
+      }
     }
   }
   const bool kl_term = s.kl_coef != 0.0f;

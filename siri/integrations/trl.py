@@ -10,7 +10,8 @@ the clipped policy loss in one fused pass that also forms the gradients, so neit
 
 The loss is TRL's own, term by term: each `loss_type`'s normalisation becomes the
 per-token `weights` of `fused_linear_policy_loss` (`trl_loss_weights`), `beta` the k3 KL
-coefficient, `delta` (two-sided clipping) the dual clip, vLLM's importance-sampling
+coefficient (`kl_estimator="k3_ratio"`, k3 times the importance ratio, under TRL's default
+`use_bias_correction_kl=True`), `delta` (two-sided clipping) the dual clip, vLLM's importance-sampling
 ratio a positive scale of the advantages (the clipped surrogate is homogeneous in A),
 and the entropy bonus, a per-micro-batch token mean in TRL whatever the loss type, its
 own token weights. A TRL setting this cannot reproduce is refused when the trainer is
@@ -102,11 +103,6 @@ def unsupported_settings(args) -> list[str]:
     if args.importance_sampling_level != "token":
         problems.append(
             f"importance_sampling_level={args.importance_sampling_level!r}: the kernel's ratio is per token"
-        )
-    if args.beta != 0.0 and args.use_bias_correction_kl:
-        problems.append(
-            "use_bias_correction_kl=True with beta != 0: the KL term times the importance ratio is not a kernel "
-            "option; set use_bias_correction_kl=False"
         )
     if not 0 <= args.epsilon < 1:
         problems.append(f"epsilon={args.epsilon!r}: the lower clip must be in [0, 1)")
@@ -219,6 +215,8 @@ class SiriGRPOTrainer(GRPOTrainer):
             advantages = advantages * _rows(inputs["importance_sampling_ratio"], selected, mask)
         old = _rows(inputs.get("old_per_token_logps"), selected, mask)
         ref = _rows(inputs["ref_per_token_logps"], selected, mask) if self.beta != 0.0 else None
+        # TRL's bias correction multiplies k3 by the (unclipped, differentiable) importance ratio.
+        kl_estimator = "k3_ratio" if self.args.use_bias_correction_kl else "k3"
         entropy_coef = self.entropy_coef if self._entropy_bonus_enabled else 0.0
         entropy_weights = entropy_bonus_weights(
             mask, accumulation_steps=self.current_gradient_accumulation_steps, training=training
@@ -226,8 +224,8 @@ class SiriGRPOTrainer(GRPOTrainer):
 
         loss_kwargs = dict(
             bias=bias, old_logprobs=old, temperature=self.temperature, clip_low=self.epsilon_low,
-            clip_high=self.epsilon_high, dual_clip=self.args.delta, backend=self.siri_backend,
-            chunk_size=self.siri_chunk_size,
+            clip_high=self.epsilon_high, dual_clip=self.args.delta, kl_estimator=kl_estimator,
+            backend=self.siri_backend, chunk_size=self.siri_chunk_size,
         )
         targets = completion_ids[selected]
         with torch.autocast(hidden.device.type, enabled=False):
@@ -278,11 +276,12 @@ class SiriGRPOTrainer(GRPOTrainer):
             self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy_loss).nanmean().item())
             if mode == "train" and self.accelerator.sync_gradients:
                 self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
+        ratio = torch.ones_like(logprobs) if old is None else torch.exp(logprobs - old)
         if ref is not None:
             d = ref - logprobs
-            self._metrics[mode]["kl"].append(global_masked_mean(torch.exp(d) - d - 1))
+            kl = torch.exp(d) - d - 1
+            self._metrics[mode]["kl"].append(global_masked_mean(kl * ratio if self.args.use_bias_correction_kl else kl))
         self._metrics[mode]["entropy"].append(global_masked_mean(entropy))
-        ratio = torch.ones_like(logprobs) if old is None else torch.exp(logprobs - old)
         low = ((ratio < 1 - self.epsilon_low) & (advantages < 0)).float()
         high = ((ratio > 1 + self.epsilon_high) & (advantages > 0)).float()
         self._metrics[mode]["clip_ratio/low_mean"].append(global_masked_mean(low))

@@ -39,8 +39,9 @@ __all__ = ["SiriFSDPEngineWithLMHead", "register_engine", "siri_ppo_loss", "unsu
            "verl_loss_weights"]
 
 LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-# verl's kl_loss_type names and the kernel's estimator of each.
-KL_ESTIMATORS = {"kl": "k1", "k1": "k1", "mse": "k2", "k2": "k2"}
+# verl's kl_loss_type names and the kernel's estimator of each: verl's "k3" is its low_var_kl,
+# k3 clamped to [-10, 10].
+KL_ESTIMATORS = {"kl": "k1", "k1": "k1", "mse": "k2", "k2": "k2", "low_var_kl": "low_var_kl", "k3": "low_var_kl"}
 # verl adds this to a sequence's token count in "seq-mean-token-mean".
 SEQ_TOKEN_MEAN_EPS = 1e-8
 
@@ -94,9 +95,7 @@ def unsupported_settings(config) -> list[str]:
     if config.loss_agg_mode not in LOSS_AGG_MODES:
         problems.append(f"loss_agg_mode={config.loss_agg_mode!r}: not a verl 0.9 mode")
     if config.use_kl_loss and config.kl_loss_type not in KL_ESTIMATORS:
-        reason = "the kernel's estimators are k1 and k2 (and k3 unclamped)"
-        if config.kl_loss_type in ("low_var_kl", "k3"):
-            reason = "verl clamps k3 to [-10, 10], the kernel does not"
+        reason = "the kernel's estimators are k1, k2 and low_var_kl (verl's k3), without straight-through variants"
         problems.append(f"kl_loss_type={config.kl_loss_type!r}: {reason}")
     low = config.clip_ratio if config.clip_ratio_low is None else config.clip_ratio_low
     if not 0 <= low < 1:
