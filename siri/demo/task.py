@@ -46,8 +46,8 @@ from dataclasses import dataclass
 from siri.data import Problem  # the trainer's record, re-exported for the demo's users
 from siri.rewards import is_correct
 
-__all__ = ["SPLITS", "TEST_FRACTION", "THINK_END", "MODULUS", "DemoDataset", "Problem", "TaskConfig", "Trace", "answer_of", "check_answer",
-           "level_of", "make_problems", "make_traces", "sample_trace", "split_of"]
+__all__ = ["LABELS", "MODULUS", "SPLITS", "TEST_FRACTION", "THINK_END", "DemoDataset", "Problem", "TaskConfig", "Trace",
+           "answer_of", "check_answer", "level_of", "make_problems", "make_traces", "sample_trace", "split_of"]
 
 # One problem in TEST_FRACTION belongs to the held-out "test" split (see `split_of`).
 TEST_FRACTION = 8
