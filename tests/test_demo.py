@@ -14,6 +14,7 @@ from siri.demo.plot import plot_curves, plot_pareto, read_metrics
 from siri.demo.report import CRITERIA, format_report, judge, summarise
 from siri.demo.sft import IGNORE_INDEX, SFTConfig, collate, train_sft
 from siri.demo.task import (
+    LABELS,
     THINK_END,
     TaskConfig,
     check_answer,
@@ -29,7 +30,7 @@ from siri.demo.tokenizer import ALPHABET, WORDS, build_tokenizer
 TINY = ModelSize(hidden_size=32, num_hidden_layers=2, num_attention_heads=1, num_key_value_heads=1,
                  intermediate_size=64, max_position_embeddings=256)
 
-STEP = re.compile(r"(=?)(\d+)\+(\d+)=(\d+)")
+STEP = re.compile(r"(=?)([a-i])(\d)=(\d)")
 
 
 @pytest.fixture(scope="module")
@@ -63,29 +64,38 @@ def test_generators_are_deterministic(tokenizer):
     assert [a[i] for i in range(len(a))] == [b[i] for i in range(len(b))]
 
 
+def _terms(prompt_text):
+    """The digits of a prompt, checking their labels run a, b, c, ..."""
+    pairs = prompt_text.removeprefix("Q: ").removesuffix("=?\n").split(" ")
+    assert [pair[0] for pair in pairs] == list(LABELS[: len(pairs)])
+    return [int(pair[1:]) for pair in pairs]
+
+
 def _check_trace(trace):
-    """The running sum is right step by step, a check restates the step above with its right
-    sum, a slip is followed by the check that repairs it, and the answer after </think> is the sum."""
-    terms = [int(x) for x in trace.prompt_text.removeprefix("Q: ").removesuffix("=?\n").split("+")]
+    """The running sum modulo 10 is right step by step, a check restates the step above with its
+    right sum, a slip is followed by the check that repairs it, and the answer after </think> is
+    the sum's last digit."""
+    terms = _terms(trace.prompt_text)
     thinking, answer = trace.response_text.split(THINK_END)
-    assert answer == f"\\boxed{{{sum(terms)}}}" and trace.answer == str(sum(terms))
-    total, next_term, checks, slips, pending_slip, last_step = terms[0], 1, 0, 0, False, None
+    assert answer == f"\\boxed{{{sum(terms) % 10}}}" and trace.answer == str(sum(terms) % 10)
+    total, next_term, checks, slips, pending_slip, last_step = 0, 0, 0, 0, False, None
     for line in thinking.splitlines():
-        check, a, b, c = STEP.fullmatch(line).groups()
-        a, b, c = int(a), int(b), int(c)
+        check, label, digit, result = STEP.fullmatch(line).groups()
+        digit, result = int(digit), int(result)
         if check:
             checks += 1
-            assert (a, b, c) == last_step, line  # the step above, with its right sum
+            assert (label, digit, result) == last_step, line  # the step above, with its right sum
             pending_slip = False
             continue
         assert not pending_slip, "a slip must be followed by its repair"
-        assert (a, b) == (total, terms[next_term])
-        last_step = (a, b, a + b)
-        if c != a + b:
+        assert (label, digit) == (LABELS[next_term], terms[next_term])
+        right = (total + digit) % 10
+        last_step = (label, digit, right)
+        if result != right:
             slips += 1
             pending_slip = True
-            assert abs(c - (a + b)) <= 2
-        total, next_term = a + b, next_term + 1
+            assert (result - right) % 10 in (1, 2, 8, 9)
+        total, next_term = right, next_term + 1
     assert next_term == len(terms) and not pending_slip
     assert (trace.checks, trace.slips, trace.terms) == (checks, slips, len(terms))
     assert check_answer(trace.response_text, trace.answer)
@@ -114,8 +124,7 @@ def test_problems_have_the_dataset_interface_and_levels(tokenizer):
         p = problems[i]
         assert p.index == i and p.source == "sum"
         assert tokenizer.decode(p.prompt_ids) == p.prompt_text
-        terms = p.prompt_text.removeprefix("Q: ").removesuffix("=?\n").split("+")
-        assert p.answer == str(sum(map(int, terms))) and len(set(terms)) == len(terms)
+        assert p.answer == str(sum(_terms(p.prompt_text)) % 10)
 
 
 def test_test_split_is_held_out(tokenizer):
@@ -176,7 +185,7 @@ def test_sft_reduces_the_loss(tokenizer):
     losses = train_sft(model, tokenizer, SFTConfig(steps=30, batch_size=8, lr=1e-2, warmup_steps=3,
                                                    bucket_batches=2))
     assert len(losses) == 30
-    assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
+    assert sum(losses[-5:]) / 5 < 0.75 * sum(losses[:5]) / 5
 
 
 def test_measure_respects_the_budget(tokenizer):
@@ -193,7 +202,7 @@ def test_measure_respects_the_budget(tokenizer):
 class _Demo:
     """The parts of a `DemoConfig` that `summarise` and `judge` read."""
 
-    task = TaskConfig()
+    task = TaskConfig(min_terms=2, max_terms=4)  # three levels, as the figures below give
     rl_steps, cycles = 30, 3
 
 

@@ -1,6 +1,6 @@
 """`siri demo`: the SIRI experiment with its baselines, scaled down to a CPU and minutes.
 
-Stage 1 trains the base model (`siri.demo.sft`): it adds 2 to 4 digits step by step,
+Stage 1 trains the base model (`siri.demo.sft`): it adds 4 to 7 digits modulo 10 step by step,
 re-checks its steps a long-tailed number of times, and repairs its slips with those checks
 (`siri.demo.task`). Stage 2 runs the real `siri.trainer.Trainer` (HF rollout engine, packed
 varlen micro-batches, the fused policy-loss kernels, the length-capping reward read after
@@ -53,21 +53,22 @@ EVAL_SEED = 12345
 class DemoConfig:
     """Sizes of one demo run.
 
-    Budgets are set against the trace lengths of the task (`TaskConfig`): without any check
-    a 2-term solution takes about 18 tokens, a 3-term one 26 and a 4-term one 34 (the answer
-    part, ``</think>\\boxed{NN}`` and EOS, is 12 of them); a check adds 8 or 9. L_min = 28
-    leaves room for the necessary steps of a 3-term sum but not of a 4-term one, and for
-    almost no check; L_max = 80 fits the longest SFT trace (71). SFT traces average 37.
+    Budgets are set against the trace lengths of the task (`TaskConfig`): a step line takes
+    5 tokens, a check 6, and the answer part (``</think>\\boxed{N}`` and EOS) 11, so a
+    solution without checks takes 5k + 11 tokens for k terms: 31, 36, 41, 46 for the levels
+    4 to 7. L_min = 36 leaves room for the necessary steps of a 4- or 5-term sum (and one
+    check of a 4-term one) but cuts the chain of the two hardest levels (6 and 7 terms);
+    L_max = 72 fits the longest SFT trace (70). SFT traces average 56 tokens.
     """
 
     task: TaskConfig = field(default_factory=TaskConfig)
     size: ModelSize = field(default_factory=ModelSize)
     sft: SFTConfig = field(default_factory=SFTConfig)
-    l_max: int = 80
-    l_min: int = 28
+    l_max: int = 72
+    l_min: int = 36
     period: int = 10  # steps per compression-expansion cycle
     cycles: int = 3  # the paper's three cycles; every arm gets as many steps
-    prompts_per_step: int = 16
+    prompts_per_step: int = 12
     n: int = 8  # rollouts per prompt (the GRPO group)
     mini_batches: int = 2  # optimizer steps per rollout batch: the ratio leaves 1, so the clip acts
     lr: float = 2e-4
@@ -84,8 +85,8 @@ class DemoConfig:
         return self.period * self.cycles
 
 
-DEFAULT = DemoConfig(sft=SFTConfig(steps=1000))
-FULL = DemoConfig(sft=SFTConfig(steps=1000), seeds=(0, 1, 2, 3, 4), eval_samples=2)
+DEFAULT = DemoConfig()
+FULL = DemoConfig(seeds=(0, 1, 2, 3, 4), eval_samples=2)
 
 # Every stage runs, on a smaller model with fewer steps: it writes the same files, to check
 # the pipeline, and its numbers are not meant to show anything.

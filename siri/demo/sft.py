@@ -38,9 +38,9 @@ class SFTConfig:
     """Hyper-parameters of the warm-up. A fresh batch of traces is drawn every step (the
     task generator is an endless corpus), so there are no epochs and no overfitting."""
 
-    steps: int = 1200
+    steps: int = 700
     batch_size: int = 32
-    lr: float = 4e-3
+    lr: float = 1e-3
     warmup_steps: int = 30
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
