@@ -68,7 +68,10 @@ def test_resume_continues_exactly(tmp_path):
 def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     """SIGKILL a `siri train` process once it has saved, resume, and match an uninterrupted run."""
     model_dir = save_model_dir(str(tmp_path / "model"))
-    overrides = tiny_overrides(tmp_path, total_steps=8, **{"model.path": model_dir, "checkpoint.every": 1})
+    # Enough steps after the second checkpoint that the kill lands mid-run: with 8, on an idle
+    # machine, the last six steps once all ended between two polls of 0.2 s.
+    total = 24
+    overrides = tiny_overrides(tmp_path, total_steps=total, **{"model.path": model_dir, "checkpoint.every": 1})
     command = [sys.executable, "-m", "siri.cli", "train", *overrides]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     checkpoints = tmp_path / "run" / "checkpoints"
@@ -81,17 +84,17 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     process.send_signal(signal.SIGKILL)
     process.wait()
     killed_at = len(read_metrics(tmp_path))
-    assert 0 < killed_at < 8
+    assert 0 < killed_at < total
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     resumed = {row["step"]: row["loss"] for row in read_metrics(tmp_path)}
-    assert sorted(resumed) == list(range(8))
+    assert sorted(resumed) == list(range(total))
 
     reference = tmp_path / "reference"
-    overrides_ref = tiny_overrides(reference, total_steps=8, **{"model.path": model_dir, "checkpoint.every": 1})
+    overrides_ref = tiny_overrides(reference, total_steps=total, **{"model.path": model_dir, "checkpoint.every": 1})
     subprocess.run([sys.executable, "-m", "siri.cli", "train", *overrides_ref], check=True, stdout=subprocess.DEVNULL)
     with open(reference / "run" / "metrics.jsonl") as handle:
         expected = {json.loads(line)["step"]: json.loads(line)["loss"] for line in handle}
-    assert [resumed[s] for s in range(8)] == pytest.approx([expected[s] for s in range(8)], rel=1e-6, abs=1e-9)
+    assert [resumed[s] for s in range(total)] == pytest.approx([expected[s] for s in range(total)], rel=1e-6, abs=1e-9)
 
 
 def test_more_than_one_mini_batch_uses_old_logprobs(tmp_path):
