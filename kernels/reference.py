@@ -10,6 +10,7 @@ inside a custom op under torch.compile), and the tests check it against autograd
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -20,14 +21,29 @@ from .config import CLIP_DUAL, CLIP_NONE, CLIP_RATIO, LOW_VAR_KL_CLAMP, RATIO_LO
 _VERL_KL_LOG_CLAMP = 20.0
 
 
+def log_sum_exp_parts(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(m, log s) of each row of u: its maximum and log sum exp(u - m), so lse = m + log s.
+
+    m carries no gradient (d log p / d u = onehot - p whatever m is). A row of only -inf
+    gives (0, -inf): lse = -inf, as torch.logsumexp has it.
+    """
+    m = u.amax(dim=-1).detach()
+    m = torch.where(m == -math.inf, 0.0, m)
+    return m, torch.log(torch.exp(u - m.unsqueeze(-1)).sum(dim=-1))
+
+
 def logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0):
     """(logp[T], entropy[T], lse[T]) of `logits[T, V]` at `targets[T]`, in the logits' dtype.
 
     A -inf logit (a masked token) has p = 0 and adds nothing to the entropy: 0 log 0 = 0.
+    log p is (u - m) - log sum exp(u - m) with m the row's maximum, not u - lse: u - m is
+    exact near the maximum, where u - lse rounds log p to the spacing of lse (at |u| ~ 1e31
+    in float64, or 1e7 in float32, all of log 2 for two tied maxima).
     """
     u = logits / temperature
-    lse = torch.logsumexp(u, dim=-1)
-    log_p = u - lse.unsqueeze(-1)
+    m, log_s = log_sum_exp_parts(u)
+    log_p = (u - m.unsqueeze(-1)) - log_s.unsqueeze(-1)
+    lse = m + log_s
     logp = log_p.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
     p = torch.exp(log_p)
     # H = -sum p log p. Where p = 0, log p is replaced by 0 before the product: p * (-inf)
@@ -43,9 +59,12 @@ def logits_gradient(logits, targets, temperature, lse, entropy, c, e):
     d H / d u_j = -p_j (log p_j + H), so the row gradient is
     (c onehot_j - p_j (c + e [p_j > 0] (log p_j + H))) / tau: an entry with p_j = 0 takes no
     entropy term (0 log 0 = 0), and otherwise follows IEEE arithmetic (an infinite c gives
-    0 * inf = NaN there), as autograd of `logprobs_and_entropy` does.
+    0 * inf = NaN there), as autograd of `logprobs_and_entropy` does. `lse` is the rows'
+    log-sum-exp, or its two parts (m, log s) of `log_sum_exp_parts`, which keep log p exact
+    where u - lse would round it (large |u|).
     """
-    log_p = logits / temperature - lse.unsqueeze(-1)
+    hi, lo = lse if isinstance(lse, tuple) else (lse, torch.zeros_like(lse))
+    log_p = (logits / temperature - hi.unsqueeze(-1)) - lo.unsqueeze(-1)
     p = torch.exp(log_p)
     entropy_term = torch.where(p > 0, log_p + entropy.unsqueeze(-1), torch.zeros_like(log_p))
     grad = -p * (c.unsqueeze(-1) + e.unsqueeze(-1) * entropy_term)

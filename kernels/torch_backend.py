@@ -13,7 +13,7 @@ import torch
 
 from .backends import Backend, RowOutputs
 from .config import LossConfig
-from .reference import logits_gradient, logprobs_and_entropy, policy_loss_reference
+from .reference import log_sum_exp_parts, logits_gradient, logprobs_and_entropy, policy_loss_reference
 
 # A block holds about this many float32 logits. The reference keeps ~6 block-sized float32
 # temporaries alive (upcast, masked, scaled, softmax, product, gradient): 2^24 elements is ~64 MiB
@@ -52,10 +52,10 @@ def policy_loss_rows(
         )
         if grad_logits is not None:
             safe_targets = torch.where(active, targets[rows], torch.zeros_like(targets[rows]))
-            lse = torch.logsumexp(block / cfg.temperature, dim=-1)
-            entropy_slope = torch.where(active, -cfg.entropy_coef * weights[rows], torch.zeros_like(lse))
+            lse_parts = log_sum_exp_parts(block / cfg.temperature)
+            entropy_slope = torch.where(active, -cfg.entropy_coef * weights[rows], torch.zeros_like(result.slope))
             grad_logits[rows] = logits_gradient(
-                block, safe_targets, cfg.temperature, lse, result.entropy, result.slope, entropy_slope
+                block, safe_targets, cfg.temperature, lse_parts, result.entropy, result.slope, entropy_slope
             )
         out.logprobs[rows] = result.logprobs
         out.entropy[rows] = result.entropy

@@ -49,9 +49,10 @@ MAX_ROW_ON_CHIP = 16384
 LOW_VAR_KL_CLAMP = tl.constexpr(_LOW_VAR_KL_CLAMP)
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
-# Running maximum's starting value: finite, so that exp2(start - m) is exactly 0 and
-# (start - m) * 0 is 0 rather than the NaN that -inf would give on the first merge.
-_NEG_START = tl.constexpr(-1e30)
+# Running maximum's starting value, the lowest float32: finite, so that an entry of -inf
+# gives -inf - start = -inf (not the NaN of -inf - -inf), yet no finite u lies below it.
+# The rescale's exponent is clamped at it too (`_merge_tile`).
+_LOWEST = tl.constexpr(-3.4028234663852886e38)
 # exp2 of anything below -150 is 0 in float32; flooring log2-probabilities here changes no
 # finite result but turns -inf logits (0 * -inf = NaN in e * t) into exact zeros.
 _LOG2_FLOOR = tl.constexpr(-1000.0)
@@ -97,13 +98,16 @@ def _merge_tile(x, scale, m, s_acc, a_acc, WITH_ENTROPY: tl.constexpr):
     a_acc = sum 2^(u - m) (u - m). A new maximum m' rescales both by r = 2^(m - m'):
     s' = r s, a' = r (a + (m - m') s). Measuring a from the running max keeps the entropy
     free of the cancellation lse - E[u] would suffer for large logits. The maximum grows
-    in a few tiles of a row only, so the rescale sits behind a (uniform) branch.
+    in a few tiles of a row only, so the rescale sits behind a (uniform) branch. m - m'
+    overflows to -inf from the start value (m' above about 1e31); clamped at the lowest
+    float it stays finite, so r (m - m') is 0 where r is, never 0 * -inf.
     """
     m_tile = tl.max(x, axis=0) * scale
     if m_tile > m:
-        r = tl.exp2(m - m_tile)
+        shift = tl.maximum(m - m_tile, _LOWEST)
+        r = tl.exp2(shift)
         if WITH_ENTROPY:
-            a_acc = r * (a_acc + (m - m_tile) * s_acc)
+            a_acc = r * a_acc + (r * shift) * s_acc
         s_acc = s_acc * r
         m = m_tile
     t = _log2_floor(x * scale - m)
@@ -120,7 +124,7 @@ def _row_statistics(row_ptr, V, scale, BLOCK_V: tl.constexpr, WITH_ENTROPY: tl.c
     row's max, the entropy in nats, and the row's last tile (1 to BLOCK_V elements, -inf
     past V), still in registers. m and log2_s stay apart for `_log2_prob`."""
     offs = tl.arange(0, BLOCK_V)
-    m = tl.full((), _NEG_START, tl.float32)
+    m = tl.full((), _LOWEST, tl.float32)
     s_acc = tl.zeros((BLOCK_V,), tl.float32)
     a_acc = tl.zeros((BLOCK_V,), tl.float32)
     num_full = (V - 1) // BLOCK_V

@@ -103,6 +103,16 @@ def test_oracle_argmax_logprob_at_tiny_temperature():
         assert entropy.item() >= 0
 
 
+def test_oracle_stays_finite_far_below_minus_1e30():
+    """u = logits / T of about -1e31 (a tiny temperature) is an ordinary row: finite results,
+    the mass on the maxima (float64 rounds log 2 away at this magnitude: log p = u - lse)."""
+    logits = torch.tensor([[-1.0, -1.0, -2.0]], dtype=torch.float64, requires_grad=True)
+    logp, entropy, lse = logprobs_and_entropy(logits, torch.tensor([0]), 1e-31)
+    assert lse.item() == -1e31 and logp.item() <= 0 and entropy.item() >= 0
+    (logp + entropy).sum().backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad[0, 2] == 0
+
+
 # --- every backend against the oracle -----------------------------------------------------
 
 CASES = {

@@ -3,6 +3,7 @@
 // device code, so both backends take their formulas from this one place.
 #pragma once
 
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 
@@ -19,9 +20,14 @@
 
 namespace siri {
 
-// Running maximum's starting value: finite, so that exp(start - m) is exactly 0 and
-// (start - m) * 0 is 0 rather than the NaN that -inf would give on the first merge.
-constexpr float kMaxStart = -1e30f;
+// The lowest finite float. The running maximum starts here: finite, so that an entry of -inf
+// gives -inf - start = -inf (not the NaN of -inf - -inf), yet no finite u lies below it.
+constexpr float kLowest = -FLT_MAX;
+
+// The exponent of a rescale from running max m to M >= m. m - M overflows to -inf when both
+// are huge and far apart (from the start value: M above about 1e31); clamped at the lowest
+// float it stays finite, so exp(shift) * shift is 0 where exp(shift) is, never 0 * -inf.
+SIRI_HOST_DEVICE float rescale_shift(float m, float new_max) { return fmaxf(m - new_max, kLowest); }
 
 // Online softmax statistics of u = logits / temperature over some of a row's entries:
 // m = max u, s = sum exp(u - m), a = sum exp(u - m) (u - m). Measuring a from the running
@@ -30,17 +36,22 @@ struct SoftmaxStats {
   float m, s, a;
 };
 
-SIRI_HOST_DEVICE SoftmaxStats empty_stats() { return {kMaxStart, 0.0f, 0.0f}; }
+SIRI_HOST_DEVICE SoftmaxStats empty_stats() { return {kLowest, 0.0f, 0.0f}; }
 
 // Moving a's origin from m to M (M >= m): exp(u - M) (u - M) = r exp(u - m) ((u - m) + (m - M))
-// with r = exp(m - M), so s' = r s and a' = r (a + (m - M) s).
+// with r = exp(m - M), so s' = r s and a' = r a + (r (m - M)) s.
 SIRI_HOST_DEVICE SoftmaxStats merge_stats(SoftmaxStats x, SoftmaxStats y) {
   const float m = fmaxf(x.m, y.m);
-  const float rx = expf(x.m - m), ry = expf(y.m - m);
-  return {m, rx * x.s + ry * y.s, rx * (x.a + (x.m - m) * x.s) + ry * (y.a + (y.m - m) * y.s)};
+  const float dx = rescale_shift(x.m, m), dy = rescale_shift(y.m, m);
+  const float rx = expf(dx), ry = expf(dy);
+  return {m, rx * x.s + ry * y.s, rx * x.a + (rx * dx) * x.s + ry * y.a + (ry * dy) * y.s};
 }
 
 SIRI_HOST_DEVICE float stats_lse(SoftmaxStats st) { return st.m + logf(st.s); }
+
+// log p of an entry u: (u - m) - log s, exact in u - m near the maximum, where u - lse would
+// round log p to the spacing of lse (all of log 2 for two tied maxima at |u| ~ 1e31).
+SIRI_HOST_DEVICE float stats_logprob(SoftmaxStats st, float u) { return (u - st.m) - logf(st.s); }
 
 // H = lse - sum p u = log s - a / s.
 SIRI_HOST_DEVICE float stats_entropy(SoftmaxStats st) { return logf(st.s) - st.a / st.s; }

@@ -44,8 +44,6 @@ constexpr int64_t kStep = 2 * Vec::size();
 constexpr int64_t kBlock = 2048;
 static_assert(kBlock % kStep == 0, "blocks must hold whole vector steps");
 
-constexpr float kLowest = std::numeric_limits<float>::lowest();
-
 // Loads and stores of kStep entries as two float vectors.
 template <typename T>
 struct Io;
@@ -91,13 +89,13 @@ SoftmaxStats row_stats(const T* row, int64_t vocab, float inv_t) {
   // Vectors are built inside the functions: a namespace-scope Vec would be a static
   // initializer compiled for this instruction set, run at load time on any CPU.
   const Vec lowest(kLowest);
-  float m = kMaxStart;
+  float m = kLowest;
   Vec s(0.0f), a(0.0f);
   float s_tail = 0.0f, a_tail = 0.0f;
   for (int64_t start = 0; start < vocab; start += kBlock) {
     const int64_t end = std::min(start + kBlock, vocab);
     const int64_t vec_end = start + (end - start) / kStep * kStep;
-    Vec x0, x1, block_max(kMaxStart);
+    Vec x0, x1, block_max(-std::numeric_limits<float>::infinity());
     for (int64_t j = start; j < vec_end; j += kStep) {
       Io<T>::load(row + j, x0, x1);
       block_max = at::vec::maximum(block_max, at::vec::maximum(x0, x1));
@@ -106,8 +104,9 @@ SoftmaxStats row_stats(const T* row, int64_t vocab, float inv_t) {
     for (int64_t j = vec_end; j < end; ++j) new_max = std::max(new_max, static_cast<float>(row[j]));
     new_max *= inv_t;  // max(x) * inv_t = max(x * inv_t): rounding is monotone and inv_t > 0
     if (new_max > m) {
-      const Vec r(std::exp(m - new_max));
-      if (kEntropy) a = r * at::vec::fmadd(Vec(m - new_max), s, a);  // a' = r (a + (m - m') s)
+      const float shift = rescale_shift(m, new_max), r_scalar = std::exp(shift);
+      const Vec r(r_scalar);
+      if (kEntropy) a = at::vec::fmadd(Vec(r_scalar * shift), s, r * a);  // a' = r a + (r (m - m')) s
       s = s * r;
       m = new_max;
     }
@@ -135,14 +134,17 @@ SoftmaxStats row_stats(const T* row, int64_t vocab, float inv_t) {
 // k2 = -e / tau, plus c / tau at the target: an entry of probability 0 takes no entropy term
 // (0 log 0 = 0) and otherwise IEEE arithmetic holds (an infinite or NaN c gives NaN), as in
 // reference.logits_gradient. The target's entry is written last, from its logit x_target
-// read before this pass (which may be overwriting the logits in place).
+// read before this pass (which may be overwriting the logits in place). The row's
+// log-sum-exp comes in two parts, lse_hi + lse_lo (its maximum and log s where the pass has
+// them): log p = (u - lse_hi) - lse_lo keeps the digits of log s that lse_hi + lse_lo, one
+// float, rounds away at large |u| (all of log 2 for two tied maxima at |u| ~ 1e31).
 template <typename T, bool kEntropyTerm>
 void write_row_gradient(const T* row, T* grad_row, int64_t vocab, int64_t target, float x_target, float inv_t,
-                        float lse, float entropy, float c, float e) {
+                        float lse_hi, float lse_lo, float entropy, float c, float e) {
   const float k1 = -c * inv_t, k2 = kEntropyTerm ? -e * inv_t : 0.0f;
-  const Vec scale(inv_t), neg_lse(-lse), vk1(k1), vk2(k2), vh(entropy), zero(0.0f);
+  const Vec scale(inv_t), neg_hi(-lse_hi), neg_lo(-lse_lo), vk1(k1), vk2(k2), vh(entropy), zero(0.0f);
   const auto grad_of = [&](const Vec& x) {
-    const Vec log_p = x * scale + neg_lse;
+    const Vec log_p = (x * scale + neg_hi) + neg_lo;
     const Vec p = log_p.exp_u20();
     if (!kEntropyTerm) return p * vk1;
     return p * at::vec::fmadd(vk2, Vec::blendv(zero, log_p + vh, p > zero), vk1);
@@ -154,7 +156,7 @@ void write_row_gradient(const T* row, T* grad_row, int64_t vocab, int64_t target
     Io<T>::store(grad_row + j, grad_of(x0), grad_of(x1));
   }
   const auto scalar_grad = [&](float x) {
-    const float log_p = x * inv_t - lse;
+    const float log_p = (x * inv_t - lse_hi) - lse_lo;
     const float p = std::exp(log_p);
     return p * (k1 + k2 * (p > 0.0f ? log_p + entropy : 0.0f));
   };
@@ -164,8 +166,8 @@ void write_row_gradient(const T* row, T* grad_row, int64_t vocab, int64_t target
 
 template <typename T>
 void write_row_gradient(const T* row, T* grad_row, int64_t vocab, int64_t target, float x_target, float inv_t,
-                        float lse, float entropy, float c, float e, bool entropy_term) {
-  if (!(lse > -std::numeric_limits<float>::infinity())) {
+                        float lse_hi, float lse_lo, float entropy, float c, float e, bool entropy_term) {
+  if (!(lse_hi + lse_lo > -std::numeric_limits<float>::infinity())) {
     // A row of only -inf logits (lse = -inf) has no distribution: log p_j = -inf - lse is
     // NaN for every j, and so is its gradient. Written here because exp_u20 does not carry
     // a NaN through.
@@ -173,9 +175,9 @@ void write_row_gradient(const T* row, T* grad_row, int64_t vocab, int64_t target
     return;
   }
   if (entropy_term) {
-    write_row_gradient<T, true>(row, grad_row, vocab, target, x_target, inv_t, lse, entropy, c, e);
+    write_row_gradient<T, true>(row, grad_row, vocab, target, x_target, inv_t, lse_hi, lse_lo, entropy, c, e);
   } else {
-    write_row_gradient<T, false>(row, grad_row, vocab, target, x_target, inv_t, lse, entropy, c, e);
+    write_row_gradient<T, false>(row, grad_row, vocab, target, x_target, inv_t, lse_hi, lse_lo, entropy, c, e);
   }
 }
 
@@ -206,8 +208,8 @@ void policy_loss_rows_typed(const PolicyLossArgs& args, int64_t begin, int64_t e
     const int64_t target = load_target(rows, t);
     const float x_target = static_cast<float>(row[target]);
     const SoftmaxStats stats = row_stats<T, true>(row, rows.vocab, inv_t);
-    const float lse = stats_lse(stats), entropy = stats_entropy(stats);
-    const float logp = x_target * inv_t - lse;
+    const float log_s = std::log(stats.s), entropy = stats_entropy(stats);
+    const float logp = stats_logprob(stats, x_target * inv_t);
     const TokenLoss token = token_loss(logp, entropy, t, args.in, args.settings);
     out.logprobs[t] = logp;
     out.entropy[t] = entropy;
@@ -215,7 +217,7 @@ void policy_loss_rows_typed(const PolicyLossArgs& args, int64_t begin, int64_t e
     out.kl[t] = token.kl;
     out.clipped[t] = token.clip_code;
     if (rows.grad) {
-      write_row_gradient(row, grad_row<T>(rows, t), rows.vocab, target, x_target, inv_t, lse, entropy,
+      write_row_gradient(row, grad_row<T>(rows, t), rows.vocab, target, x_target, inv_t, stats.m, log_s, entropy,
                          token.grad_logp, token.grad_entropy, token.grad_entropy != 0.0f);
     }
   }
@@ -228,9 +230,8 @@ void logprob_rows_typed(const LogprobArgs& args, int64_t begin, int64_t end) {
     const T* row = logits_row<T>(rows, t);
     const SoftmaxStats stats = args.entropy ? row_stats<T, true>(row, rows.vocab, args.inv_temperature)
                                             : row_stats<T, false>(row, rows.vocab, args.inv_temperature);
-    const float lse = stats_lse(stats);
-    args.lse[t] = lse;
-    args.logprobs[t] = static_cast<float>(row[load_target(rows, t)]) * args.inv_temperature - lse;
+    args.lse[t] = stats_lse(stats);
+    args.logprobs[t] = stats_logprob(stats, static_cast<float>(row[load_target(rows, t)]) * args.inv_temperature);
     if (args.entropy) args.entropy[t] = stats_entropy(stats);
   }
 }
@@ -243,7 +244,7 @@ void logprob_backward_typed(const LogprobBackwardArgs& args, int64_t begin, int6
     const T* row = logits_row<T>(rows, t);
     const int64_t target = load_target(rows, t);
     write_row_gradient(row, grad_row<T>(rows, t), rows.vocab, target, static_cast<float>(row[target]),
-                       args.inv_temperature, args.lse[t], entropy_term ? args.entropy[t] : 0.0f,
+                       args.inv_temperature, args.lse[t], 0.0f, entropy_term ? args.entropy[t] : 0.0f,
                        args.grad_logprobs[t], entropy_term ? args.grad_entropy[t] : 0.0f, entropy_term);
   }
 }

@@ -111,14 +111,14 @@ __device__ __forceinline__ void add_to_stats(SoftmaxStats& st, const float (&u)[
 #pragma unroll
   for (int k = 1; k < N; ++k) pack_max = fmaxf(pack_max, u[k]);
   if (pack_max > st.m) {
-    const float r = __expf(st.m - pack_max);
-    st.a = r * fmaf(st.m - pack_max, st.s, st.a);
+    const float shift = rescale_shift(st.m, pack_max), r = __expf(shift);
+    st.a = fmaf(r * shift, st.s, r * st.a);
     st.s *= r;
     st.m = pack_max;
   }
 #pragma unroll
   for (int k = 0; k < N; ++k) {
-    const float d = fmaxf(u[k] - st.m, -FLT_MAX);
+    const float d = fmaxf(u[k] - st.m, kLowest);
     const float e = __expf(d);
     st.s += e;
     st.a = fmaf(e, d, st.a);
@@ -173,20 +173,23 @@ __device__ SoftmaxStats merge_chunks(const SoftmaxStats* partials, int chunks) {
   return warp_merge(st);
 }
 
-// What the gradient pass needs of a row (see the derivation at the top).
+// What the gradient pass needs of a row (see the derivation at the top). The log-sum-exp
+// comes in two parts, lse_hi + lse_lo (the row's max and log s where the statistics are at
+// hand): log p = (u - lse_hi) - lse_lo keeps the digits of log s that one float would round
+// away at large |u| (stats_logprob in token_loss.h).
 struct RowGrad {
-  float lse, entropy, k1, k2, target_add;
+  float lse_hi, lse_lo, entropy, k1, k2, target_add;
   int64_t target;
   bool zero;  // weight-0 row: a zero gradient, logits not read
 };
 
-__device__ __forceinline__ RowGrad make_row_grad(float lse, float entropy, float c, float e, int64_t target,
-                                                 float inv_t) {
-  return {lse, entropy, -c * inv_t, -e * inv_t, c * inv_t, target, false};
+__device__ __forceinline__ RowGrad make_row_grad(float lse_hi, float lse_lo, float entropy, float c, float e,
+                                                 int64_t target, float inv_t) {
+  return {lse_hi, lse_lo, entropy, -c * inv_t, -e * inv_t, c * inv_t, target, false};
 }
 
 __device__ __forceinline__ float grad_entry(float x, int64_t j, const RowGrad& g, float inv_t) {
-  const float log_p = scaled(x, inv_t) - g.lse;
+  const float log_p = (scaled(x, inv_t) - g.lse_hi) - g.lse_lo;
   const float p = __expf(log_p);
   // An entry of probability 0 takes no entropy term (0 log 0 = 0); otherwise IEEE arithmetic
   // holds (an infinite or NaN k1 gives NaN), as in reference.logits_gradient.
@@ -235,8 +238,8 @@ __device__ __forceinline__ T* grad_row(const RowsView& rows, int64_t t) {
 // RowGrad (all but chunk 0).
 __device__ RowGrad finish_policy_row(const PolicyLossArgs& args, int64_t t, SoftmaxStats st, float u_target,
                                      int64_t target, bool write) {
-  const float lse = stats_lse(st), entropy = stats_entropy(st);
-  const float logp = u_target - lse;
+  const float entropy = stats_entropy(st);
+  const float logp = stats_logprob(st, u_target);
   const TokenLoss token = token_loss(logp, entropy, t, args.in, args.settings);
   if (write) {
     args.out.logprobs[t] = logp;
@@ -245,7 +248,8 @@ __device__ RowGrad finish_policy_row(const PolicyLossArgs& args, int64_t t, Soft
     args.out.kl[t] = token.kl;
     args.out.clipped[t] = token.clip_code;
   }
-  return make_row_grad(lse, entropy, token.grad_logp, token.grad_entropy, target, args.settings.inv_temperature);
+  return make_row_grad(st.m, logf(st.s), entropy, token.grad_logp, token.grad_entropy, target,
+                       args.settings.inv_temperature);
 }
 
 __device__ void write_zero_policy_row(const PolicyLossArgs& args, int64_t t) {
@@ -262,7 +266,7 @@ __global__ void __launch_bounds__(kThreads) policy_loss_fused_kernel(PolicyLossA
   if (args.in.weights[t] == 0.0f) {
     // Contributes nothing: zeros out, a zero gradient row, and the target is never read.
     if (threadIdx.x == 0) write_zero_policy_row(args, t);
-    write_gradient(row, grad_row<T>(rows, t), 0, rows.vocab, RowGrad{0, 0, 0, 0, 0, -1, true}, inv_t, false);
+    write_gradient(row, grad_row<T>(rows, t), 0, rows.vocab, RowGrad{0, 0, 0, 0, 0, 0, -1, true}, inv_t, false);
     return;
   }
   const SoftmaxStats st = block_merge(thread_stats(row, 0, rows.vocab, inv_t));
@@ -313,7 +317,7 @@ __global__ void __launch_bounds__(kThreads)
         shared_grad = finish_policy_row(args, t, st, u_target[t], target, first);
       } else {
         if (first) write_zero_policy_row(args, t);
-        shared_grad = RowGrad{0, 0, 0, 0, 0, -1, true};
+        shared_grad = RowGrad{0, 0, 0, 0, 0, 0, -1, true};
       }
     }
   }
@@ -333,9 +337,8 @@ __global__ void __launch_bounds__(kThreads)
   if (t >= args.rows.num_rows) return;
   const SoftmaxStats st = merge_chunks(partials + t * chunks, chunks);
   if (threadIdx.x % 32 == 0) {
-    const float lse = stats_lse(st);
-    args.lse[t] = lse;
-    args.logprobs[t] = u_target[t] - lse;
+    args.lse[t] = stats_lse(st);
+    args.logprobs[t] = stats_logprob(st, u_target[t]);
     if (args.entropy != nullptr) args.entropy[t] = stats_entropy(st);
   }
 }
@@ -345,7 +348,7 @@ __global__ void __launch_bounds__(kThreads) logprob_backward_kernel(LogprobBackw
   const int64_t t = blockIdx.x;
   const RowsView& rows = args.rows;
   const bool entropy_term = args.grad_entropy != nullptr;
-  const RowGrad g = make_row_grad(args.lse[t], entropy_term ? args.entropy[t] : 0.0f, args.grad_logprobs[t],
+  const RowGrad g = make_row_grad(args.lse[t], 0.0f, entropy_term ? args.entropy[t] : 0.0f, args.grad_logprobs[t],
                                   entropy_term ? args.grad_entropy[t] : 0.0f, load_target(rows, t),
                                   args.inv_temperature);
   const int64_t begin = blockIdx.y * chunk_size;
