@@ -40,6 +40,16 @@ float* row_values(const at::Tensor& values, const char* name, const at::Tensor& 
   return values.data_ptr<float>();
 }
 
+// The log-sum-exp of every row in two parts, (max, log-sum): float32 [T, 2] (backends.py).
+float* lse_parts(const at::Tensor& lse, const at::Tensor& logits) {
+  TORCH_CHECK(lse.device() == logits.device(), "lse must be on ", logits.device(), ", got ", lse.device());
+  TORCH_CHECK(lse.scalar_type() == at::kFloat, "lse must be float32, got ", lse.scalar_type());
+  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == logits.size(0) && lse.size(1) == 2, "lse must have shape [",
+              logits.size(0), ", 2], got ", lse.sizes());
+  TORCH_CHECK(lse.is_contiguous(), "lse must be contiguous");
+  return lse.data_ptr<float>();
+}
+
 float* optional_row_values(const OptionalTensor& values, const char* name, const at::Tensor& logits) {
   return values ? row_values(*values, name, logits) : nullptr;
 }
@@ -125,7 +135,7 @@ void logprob_rows(const at::Tensor& logits, const at::Tensor& targets, double te
                   const OptionalTensor& entropy, const at::Tensor& lse) {
   const LogprobArgs args{rows_view(logits, targets, std::nullopt), static_cast<float>(1.0 / temperature),
                          row_values(logprobs, "logprobs", logits), optional_row_values(entropy, "entropy", logits),
-                         row_values(lse, "lse", logits)};
+                         lse_parts(lse, logits)};
   run(logits, args, cpu::logprob_rows, kCudaLogprobRows);
 }
 
@@ -134,7 +144,7 @@ void logprob_backward(const at::Tensor& logits, const at::Tensor& targets, doubl
                       const OptionalTensor& grad_entropy, const at::Tensor& grad_logits) {
   TORCH_CHECK(!grad_entropy || entropy, "grad_entropy needs the forward's entropy");
   const LogprobBackwardArgs args{rows_view(logits, targets, grad_logits), static_cast<float>(1.0 / temperature),
-                                 row_values(lse, "lse", logits), optional_row_values(entropy, "entropy", logits),
+                                 lse_parts(lse, logits), optional_row_values(entropy, "entropy", logits),
                                  row_values(grad_logprobs, "grad_logprobs", logits),
                                  optional_row_values(grad_entropy, "grad_entropy", logits)};
   run(logits, args, cpu::logprob_backward, kCudaLogprobBackward);

@@ -21,15 +21,20 @@ policy_loss_rows(logits, targets, advantages, weights, old, ref, rollout, cfg, o
 
 logprob_rows(logits, targets, temperature, logprobs, entropy, lse)
     logprobs[t] = u[t, y_t] - logsumexp(u[t]); entropy[t] = H_t when `entropy` is not None.
-    lse[t] is the log-sum-exp of u[t] to the base `Backend.lse_base`, the unit the backend's
-    own logprob_backward reads: e, except in the Triton backend, whose kernels work in base
-    2 (a float32 value in nats, converted back, no longer matches their rounding of the
-    row's maximum: at |u| ~ 600 it moved the argmax's p by 3e-5).
+    `lse` is float32 [T, 2]: lse[t] = (m, log s), the row's maximum and log sum exp(u - m),
+    whose sum is the log-sum-exp of u[t]. Kept apart because one float32 lse rounds log s
+    to its spacing: at |u| ~ 1e6 (a temperature of 1e-5 on logits of order 10) the
+    backward's p was off by 5e-5 relative, at 1e9 by all of it for tied maxima. Both parts
+    are to the base `Backend.lse_base`, the unit the backend's own logprob_backward reads:
+    e, except in the Triton backend, whose kernels work in base 2 (the row's maximum of
+    u log2(e) as they rounded it).
 
 logprob_backward(logits, targets, temperature, lse, logprobs, entropy, grad_logprobs,
                  grad_entropy, grad_logits)
-    grad_logits = reference.logits_gradient(logits, targets, temperature, lse, entropy, c=grad_logprobs,
-    e=grad_entropy): d(g logp + h H) / d logits (the entropy term only when grad_entropy is not None).
+    grad_logits = reference.logits_gradient(logits, targets, temperature, (m, log s), entropy,
+    c=grad_logprobs, e=grad_entropy) with `lse` [T, 2] as logprob_rows writes it (its two
+    columns may be any split of the log-sum-exp, e.g. a float64 value's high and low parts):
+    d(g logp + h H) / d logits (the entropy term only when grad_entropy is not None).
 """
 
 from __future__ import annotations
@@ -63,6 +68,11 @@ class RowOutputs:
         return cls(make(), make(), make(), make(), make())
 
 
+def lse_buffer(num_rows: int, device: torch.device) -> torch.Tensor:
+    """Where logprob_rows writes each row's log-sum-exp as (m, log s): float32 [T, 2]."""
+    return torch.empty(num_rows, 2, dtype=torch.float32, device=device)
+
+
 @dataclass(frozen=True)
 class Backend:
     """One implementation of the three entry points documented above."""
@@ -72,7 +82,7 @@ class Backend:
     policy_loss_rows: Callable[..., None]
     logprob_rows: Callable[..., None]
     logprob_backward: Callable[..., None]
-    lse_base: float = math.e  # of the `lse` that logprob_rows writes and logprob_backward reads
+    lse_base: float = math.e  # of the `lse` [T, 2] that logprob_rows writes and logprob_backward reads
 
 
 # name -> module whose `make_backend()` returns a Backend, or None when unavailable here.

@@ -36,7 +36,7 @@ import math
 
 import torch
 
-from .backends import RowOutputs
+from .backends import RowOutputs, lse_buffer
 from .config import LossConfig
 from .reference import per_token_loss
 
@@ -160,7 +160,7 @@ def _vocab_statistics(hidden, weight, bias, targets, active, temperature, impl, 
     num_rows = hidden.shape[0]
     stats = RowStatistics(num_rows, hidden.device)
     make = lambda: hidden.new_empty(num_rows, dtype=torch.float32)  # noqa: E731
-    logp_s, entropy_s, lse_s = make(), make(), make()
+    logp_s, entropy_s, lse_s = make(), make(), lse_buffer(num_rows, hidden.device)
     all_rows = torch.arange(num_rows, device=hidden.device)
     lse_to_nats = math.log(impl.lse_base)  # the backend's lse may be in base 2 (backends.py)
     for columns in _spans(weight.shape[0], slice_size):
@@ -168,7 +168,8 @@ def _vocab_statistics(hidden, weight, bias, targets, active, temperature, impl, 
         local, holds = _slice_targets(targets, active, columns)
         impl.logprob_rows(logits, local, temperature, logp_s, entropy_s, lse_s)
         # logp = u_y - lse from the logit itself (not logp_s + lse_s: two more roundings).
-        stats.merge(lse_s.double() * lse_to_nats, entropy_s, logits[all_rows, local].double() / temperature, holds)
+        stats.merge(lse_s.double().sum(-1) * lse_to_nats, entropy_s, logits[all_rows, local].double() / temperature,
+                    holds)
     return stats
 
 
@@ -265,7 +266,7 @@ def row_chunked_token_logprobs(hidden, weight, bias, targets, temperature, with_
     num_rows = hidden.shape[0]
     logprobs = hidden.new_empty(num_rows, dtype=torch.float32)
     entropy = hidden.new_empty(num_rows, dtype=torch.float32)
-    lse = hidden.new_empty(num_rows, dtype=torch.float32)
+    lse = lse_buffer(num_rows, hidden.device)
     for rows in _spans(num_rows, chunk_size):
         impl.logprob_rows(_linear(hidden[rows], weight, bias), targets[rows], temperature, logprobs[rows],
                           entropy[rows] if with_entropy else None, lse[rows])

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from .autograd_returns import InputGradients
-from .backends import resolve_backend
+from .backends import lse_buffer, resolve_backend
 from .fused_linear_algorithms import SLICE_MEMORY_FLOOR_BYTES, SLICE_MEMORY_FRACTION
 
 torch.library.define(
@@ -55,7 +55,7 @@ def _backward_op(hidden, weight, bias, targets, logprobs, entropy, grad_logprobs
         logits = hidden_chunk @ weight.t() if bias is None else torch.addmm(bias, hidden_chunk, weight.t())
         # The row statistic the backend's backward reads, by that backend (in its unit and its
         # rounding: Backend.lse_base).
-        lse, unused_logprobs = (logits.new_empty(logits.shape[0], dtype=torch.float32) for _ in range(2))
+        lse, unused_logprobs = lse_buffer(logits.shape[0], logits.device), torch.empty_like(logprobs[rows])
         impl.logprob_rows(logits, targets[rows], temperature, unused_logprobs, None, lse)
         grad_logits = torch.empty_like(logits)
         impl.logprob_backward(

@@ -6,7 +6,7 @@ give, and never breaks the graph on the data-dependent checks or the launches in
 
     siri::policy_loss_rows          -> (logprobs, entropy, loss_rows, kl, clipped, grad_logits)
     siri::policy_loss_rows_inplace  -> (logprobs, entropy, loss_rows, kl, clipped); grad into logits
-    siri::token_logprobs            -> (logprobs, entropy, lse)
+    siri::token_logprobs            -> (logprobs, entropy, lse [T, 2]: the row's max and log-sum)
     siri::token_logprobs_backward   -> grad_logits
     siri::scale_grad_               grad *= scale, in place
     siri::fused_linear_policy_loss  -> (logprobs, entropy, loss_rows, kl, clipped, grad_hidden, grad_weight,
@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from . import fused_linear_algorithms as linear
-from .backends import RowOutputs, resolve_backend
+from .backends import RowOutputs, lse_buffer, resolve_backend
 from .config import LossConfig, check_temperature
 from .validation import check_policy_values, check_target_values
 
@@ -113,7 +113,7 @@ def _token_logprobs_op(logits, targets, temperature, with_entropy, backend):
         logits = logits.contiguous()
     num_rows = logits.shape[0]
     logprobs = logits.new_empty(num_rows, dtype=torch.float32)
-    lse = logits.new_empty(num_rows, dtype=torch.float32)
+    lse = lse_buffer(num_rows, logits.device)
     entropy = logits.new_empty(num_rows if with_entropy else 0, dtype=torch.float32)
     impl.logprob_rows(logits, targets.contiguous(), temperature, logprobs, entropy if with_entropy else None, lse)
     return logprobs, entropy, lse
@@ -122,8 +122,8 @@ def _token_logprobs_op(logits, targets, temperature, with_entropy, backend):
 @torch.library.register_fake("siri::token_logprobs")
 def _(logits, targets, temperature, with_entropy, backend):
     num_rows = logits.shape[0]
-    make = lambda n: logits.new_empty(n, dtype=torch.float32)  # noqa: E731
-    return make(num_rows), make(num_rows if with_entropy else 0), make(num_rows)
+    make = lambda *shape: logits.new_empty(shape, dtype=torch.float32)  # noqa: E731
+    return make(num_rows), make(num_rows if with_entropy else 0), make(num_rows, 2)
 
 
 @torch.library.impl("siri::token_logprobs_backward", "default")

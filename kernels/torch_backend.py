@@ -67,9 +67,10 @@ def policy_loss_rows(
 def logprob_rows(logits, targets, temperature, logprobs, entropy, lse):
     targets = _clamped(targets, logits.shape[1])
     for rows in _row_blocks(logits.shape[0], logits.shape[1]):
-        logp, ent, block_lse = logprobs_and_entropy(logits[rows].float(), targets[rows], temperature)
+        block = logits[rows].float()
+        logp, ent, _ = logprobs_and_entropy(block, targets[rows], temperature)
         logprobs[rows] = logp
-        lse[rows] = block_lse
+        lse[rows] = torch.stack(log_sum_exp_parts(block / temperature), dim=-1)
         if entropy is not None:
             entropy[rows] = ent
 
@@ -82,7 +83,8 @@ def logprob_backward(logits, targets, temperature, lse, logprobs, entropy, grad_
             e, ent = torch.zeros_like(c), torch.zeros_like(c)
         else:
             e, ent = grad_entropy[rows], entropy[rows]
-        grad_logits[rows] = logits_gradient(logits[rows].float(), targets[rows], temperature, lse[rows], ent, c, e)
+        lse_parts = (lse[rows, 0], lse[rows, 1])
+        grad_logits[rows] = logits_gradient(logits[rows].float(), targets[rows], temperature, lse_parts, ent, c, e)
 
 
 def make_backend(name: str) -> Backend:

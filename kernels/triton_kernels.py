@@ -370,14 +370,16 @@ def logprob_kernel(
     logits_ptr, logits_row_stride, targets_ptr, logprobs_ptr, entropy_ptr, lse_ptr,
     num_rows, V, scale, WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    """logprobs, lse (base 2: log2 sum 2^u) and optionally entropy of rows program_id, + num_programs, ..."""
+    """logprobs, lse (base 2: the pair m, log2 sum 2^(u - m)) and optionally entropy of rows
+    program_id, + num_programs, ..."""
     for row in range(tl.program_id(0), num_rows, tl.num_programs(0)):
         row_ptr = logits_ptr + tl.cast(row, tl.int64) * logits_row_stride
         m, log2_s, entropy, _ = _row_statistics(row_ptr, V, scale, BLOCK_V, WITH_ENTROPY, "evict_first")
         target_log2p = _log2_prob(tl.load(row_ptr + _load_target(targets_ptr, row, V)), scale, m, log2_s)
         tl.store(logprobs_ptr + row, target_log2p * LN2)
-        # Base 2, as the backward uses it (Backend.lse_base explains why).
-        tl.store(lse_ptr + row, m + log2_s)
+        # Base 2, in two parts, as the backward uses it (Backend.lse_base explains why).
+        tl.store(lse_ptr + 2 * row, m)
+        tl.store(lse_ptr + 2 * row + 1, log2_s)
         if WITH_ENTROPY:
             tl.store(entropy_ptr + row, entropy)
 
@@ -403,7 +405,8 @@ def logprob_backward_kernel(
                           "evict_first")
         _write_row_gradient(
             row_ptr, grad_ptr + tl.cast(row, tl.int64) * grad_row_stride, V, target,
-            tl.load(logprobs_ptr + row) * LOG2E, tail, scale, inv_temperature, tl.load(lse_ptr + row), 0.0,
+            tl.load(logprobs_ptr + row) * LOG2E, tail, scale, inv_temperature, tl.load(lse_ptr + 2 * row),
+            tl.load(lse_ptr + 2 * row + 1),
             entropy, tl.load(grad_logprobs_ptr + row), grad_entropy, HAS_GRAD_ENTROPY, BLOCK_V,
         )
 

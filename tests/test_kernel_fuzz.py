@@ -239,6 +239,9 @@ def test_extreme_magnitudes_over_many_tiles(dtype, magnitude, temperature):
     oracle, oracle_grad = reference_policy(logits, targets, advantages, weights, {}, cfg, torch.float64, 1.0)
     eager, eager_grad = reference_policy(logits, targets, advantages, weights, {}, cfg, torch.float32, 1.0)
     eager_grad = eager_grad.to(dtype)
+    grad_logp, grad_entropy = torch.tensor([1.0, -2.0, 0.5]), torch.tensor([0.3, 0.1, -1.0])
+    oracle_logprobs = reference_logprobs(logits, targets, temperature, grad_logp, grad_entropy, torch.float64)
+    eager_logprobs = reference_logprobs(logits, targets, temperature, grad_logp, grad_entropy, torch.float32)
     for backend in BACKENDS:
         x = logits.to(DEVICE).clone().requires_grad_(True)
         out = policy_loss(x, targets.to(DEVICE), advantages.to(DEVICE), weights.to(DEVICE), temperature=temperature,
@@ -249,7 +252,12 @@ def test_extreme_magnitudes_over_many_tiles(dtype, magnitude, temperature):
             check(f"{label}: {name}", getattr(out, name).cpu(), getattr(oracle, name), getattr(eager, name), dtype)
         check(f"{label}: grad", x.grad.cpu(), oracle_grad, eager_grad, dtype,
               truncated_bf16=interpreter_truncates_bf16(backend))
-        logp, entropy = token_logprobs(logits.to(DEVICE), targets.to(DEVICE), temperature=temperature,
-                                       return_entropy=True, backend=backend)
+        # token_logprobs: its backward re-forms p from the forward's saved (m, log s).
+        x = logits.to(DEVICE).clone().requires_grad_(True)
+        logp, entropy = token_logprobs(x, targets.to(DEVICE), temperature=temperature, return_entropy=True,
+                                       backend=backend)
+        (logp * grad_logp.to(DEVICE) + entropy * grad_entropy.to(DEVICE)).sum().backward()
         check(f"{label}: token_logprobs", logp.cpu(), oracle.logprobs, eager.logprobs, dtype)
         check(f"{label}: token_logprobs entropy", entropy.cpu(), oracle.entropy, eager.entropy, dtype)
+        check(f"{label}: token_logprobs grad", x.grad.cpu(), oracle_logprobs[2], eager_logprobs[2].to(dtype), dtype,
+              truncated_bf16=interpreter_truncates_bf16(backend))

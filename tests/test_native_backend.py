@@ -179,11 +179,11 @@ def test_logprob_rows_and_backward(dtype, vocab, with_entropy, num_rows):
         return logp, entropy, lse, grad
 
     expected, by_torch = reference(logits.double()), reference(logits.float())
-    logprobs, lse = torch.full((num_rows,), float("nan")), torch.full((num_rows,), float("nan"))
+    logprobs, lse = torch.full((num_rows,), float("nan")), torch.full((num_rows, 2), float("nan"))
     entropy = torch.full((num_rows,), float("nan")) if with_entropy else None
     native_backend.logprob_rows(logits, targets, temperature, logprobs, entropy, lse)
     _assert_close("logprobs", logprobs, by_torch[0], expected[0], dtype)
-    _assert_close("lse", lse, by_torch[2], expected[2], dtype)
+    _assert_close("lse", lse.sum(-1), by_torch[2], expected[2], dtype)
     if with_entropy:
         _assert_close("entropy", entropy, by_torch[1], expected[1], dtype)
 
@@ -207,3 +207,14 @@ def test_policy_loss_through_public_api():
         results[backend] = (result.loss.detach(), logits.grad)
     torch.testing.assert_close(results["cpu"][0], results["torch"][0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(results["cpu"][1], results["torch"][1], rtol=1e-4, atol=1e-6)
+
+
+def test_logprob_entry_points_refuse_a_one_column_lse():
+    """The log-sum-exp travels as (max, log-sum) per row: a [T] buffer is refused by name."""
+    logits, targets = torch.randn(3, 17), torch.tensor([0, 5, 16])
+    logprobs, flat_lse = torch.empty(3), torch.empty(3)
+    with pytest.raises(RuntimeError, match=r"lse must have shape \[3, 2\]"):
+        native_backend.logprob_rows(logits, targets, 1.0, logprobs, None, flat_lse)
+    with pytest.raises(RuntimeError, match=r"lse must have shape \[3, 2\]"):
+        native_backend.logprob_backward(logits, targets, 1.0, flat_lse, logprobs, None, torch.ones(3), None,
+                                        torch.empty_like(logits))

@@ -62,7 +62,8 @@ def test_logprobs_only_gradient(backend):
 def test_backend_fills_poisoned_outputs(backend):
     logits, targets, grad_logp, grad_ent = make_inputs(9, 333, torch.bfloat16, seed=4)
     impl = get_backend(backend)
-    logp, ent, lse = (torch.full((9,), float("nan"), device=DEVICE) for _ in range(3))
+    logp, ent = (torch.full((9,), float("nan"), device=DEVICE) for _ in range(2))
+    lse = torch.full((9, 2), float("nan"), device=DEVICE)
     impl.logprob_rows(logits, targets, 1.0, logp, ent, lse)
     grad = torch.full_like(logits, float("nan"))
     impl.logprob_backward(logits, targets, 1.0, lse, logp, ent, grad_logp, grad_ent, grad)
@@ -70,5 +71,5 @@ def test_backend_fills_poisoned_outputs(backend):
     torch.testing.assert_close(logp.double(), expected[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ent.double(), expected[1], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grad.double(), expected[2], atol=2e-2, rtol=2e-2)
-    lse_nats = lse.double() * math.log(impl.lse_base)
+    lse_nats = lse.double().sum(-1) * math.log(impl.lse_base)
     torch.testing.assert_close(lse_nats, torch.logsumexp(logits.double(), -1), atol=1e-5, rtol=1e-5)

@@ -76,13 +76,13 @@ struct LogprobArgs {
   float inv_temperature;
   float* logprobs;
   float* entropy;  // null: entropy not asked for
-  float* lse;
+  float* lse;      // [T, 2]: each row's max and log sum exp(u - max)
 };
 
 struct LogprobBackwardArgs {
   RowsView rows;  // grad: where the gradient goes
   float inv_temperature;
-  const float* lse;
+  const float* lse;      // [T, 2], as LogprobArgs writes it
   const float* entropy;  // read only when grad_entropy is given
   const float* grad_logprobs;
   const float* grad_entropy;  // null: no entropy term

@@ -230,7 +230,8 @@ void logprob_rows_typed(const LogprobArgs& args, int64_t begin, int64_t end) {
     const T* row = logits_row<T>(rows, t);
     const SoftmaxStats stats = args.entropy ? row_stats<T, true>(row, rows.vocab, args.inv_temperature)
                                             : row_stats<T, false>(row, rows.vocab, args.inv_temperature);
-    args.lse[t] = stats_lse(stats);
+    args.lse[2 * t] = stats.m;  // the log-sum-exp in two parts (see write_row_gradient)
+    args.lse[2 * t + 1] = std::log(stats.s);
     args.logprobs[t] = stats_logprob(stats, static_cast<float>(row[load_target(rows, t)]) * args.inv_temperature);
     if (args.entropy) args.entropy[t] = stats_entropy(stats);
   }
@@ -244,7 +245,7 @@ void logprob_backward_typed(const LogprobBackwardArgs& args, int64_t begin, int6
     const T* row = logits_row<T>(rows, t);
     const int64_t target = load_target(rows, t);
     write_row_gradient(row, grad_row<T>(rows, t), rows.vocab, target, static_cast<float>(row[target]),
-                       args.inv_temperature, args.lse[t], 0.0f, entropy_term ? args.entropy[t] : 0.0f,
+                       args.inv_temperature, args.lse[2 * t], args.lse[2 * t + 1], entropy_term ? args.entropy[t] : 0.0f,
                        args.grad_logprobs[t], entropy_term ? args.grad_entropy[t] : 0.0f, entropy_term);
   }
 }

@@ -337,7 +337,8 @@ __global__ void __launch_bounds__(kThreads)
   if (t >= args.rows.num_rows) return;
   const SoftmaxStats st = merge_chunks(partials + t * chunks, chunks);
   if (threadIdx.x % 32 == 0) {
-    args.lse[t] = stats_lse(st);
+    args.lse[2 * t] = st.m;  // the log-sum-exp in two parts (RowGrad)
+    args.lse[2 * t + 1] = logf(st.s);
     args.logprobs[t] = stats_logprob(st, u_target[t]);
     if (args.entropy != nullptr) args.entropy[t] = stats_entropy(st);
   }
@@ -348,7 +349,7 @@ __global__ void __launch_bounds__(kThreads) logprob_backward_kernel(LogprobBackw
   const int64_t t = blockIdx.x;
   const RowsView& rows = args.rows;
   const bool entropy_term = args.grad_entropy != nullptr;
-  const RowGrad g = make_row_grad(args.lse[t], 0.0f, entropy_term ? args.entropy[t] : 0.0f, args.grad_logprobs[t],
+  const RowGrad g = make_row_grad(args.lse[2 * t], args.lse[2 * t + 1], entropy_term ? args.entropy[t] : 0.0f, args.grad_logprobs[t],
                                   entropy_term ? args.grad_entropy[t] : 0.0f, load_target(rows, t),
                                   args.inv_temperature);
   const int64_t begin = blockIdx.y * chunk_size;
