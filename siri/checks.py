@@ -23,7 +23,6 @@ def as_int(name: str, value: Any, *, minimum: int | None) -> int:
     return as_integer
 
 
-
 # A share of something (top-p's probability mass, vLLM's part of the device memory): more
 # than none, at most all of it.
 FRACTION_DOMAIN = "in (0, 1]"

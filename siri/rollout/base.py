@@ -213,4 +213,3 @@ class RolloutEngine(abc.ABC):
 
     def __exit__(self, *exc_info) -> None:
         self.close()
-
