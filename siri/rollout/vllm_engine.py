@@ -98,7 +98,7 @@ def sampling_params_kwargs(settings: SamplingSettings, *, prompt_index: int,
         "n": settings.n,
         "temperature": settings.temperature,
         "top_p": settings.top_p,
-        "top_k": settings.top_k if settings.top_k > 0 else -1,  # -1: disabled, in every vLLM version
+        "top_k": settings.top_k if settings.top_k_enabled else -1,  # -1: disabled, in every vLLM version
         "max_tokens": settings.max_tokens,
         "logprobs": 0,  # the sampled token's log-prob only, no top alternatives
         "stop_token_ids": [int(t) for t in eos_token_ids],
