@@ -140,7 +140,7 @@ def siri_fused_chunks_loss(h, w, *a):
 
 
 def siri_logits_loss(h, w, *a):
-    return policy_loss(h @ w.t(), *a[:3], old_logprobs=a[3]).loss
+    return policy_loss(h @ w.t(), *a[:3], old_logprobs=a[3], clip_low=GRPO.clip_low, clip_high=GRPO.clip_high).loss
 
 
 def liger_fused_linear_grpo():

@@ -1,8 +1,9 @@
 """One policy-update step (forward, loss, backward) on packed micro-batches vs padded ones.
 
 Setting: one mini-batch of rollouts with long-tailed lengths (log-normal responses, a few
-truncated at the length budget), the paper's GRPO loss (old log-probs, clip 0.2 / 0.28,
-token-mean), one process, the same model and the same samples for every method:
+truncated at the length budget), the paper's GRPO loss (old log-probs, token-mean, the clip
+`siri train` uses by default: `LOSS_KWARGS`), one process, the same model and the same
+samples for every method:
 
 - packed-<attention>: `siri.packing.pack` into micro-batches of at most `max_tokens`
   tokens, the body run once per micro-batch, the LM head and loss on the response
@@ -41,12 +42,14 @@ import numpy as np
 import torch
 
 from siri.attention import PACKED_SDPA, flash_attention_available, register_packed_sdpa, resolve_attn_implementation
+from siri.config import AlgorithmConfig
 from siri.kernels import policy_loss
 from siri.model_forward import packed_policy_loss
 from siri.models import random_model
 from siri.packing import Sample, pack, unpack
 
-LOSS_KWARGS = dict(clip_low=0.2, clip_high=0.28)
+# The trainer's default clip (the paper's), so that a change of that default is measured too.
+LOSS_KWARGS = dict(clip_low=AlgorithmConfig.clip_low, clip_high=AlgorithmConfig.clip_high)
 PADDED_ATTENTION = "sdpa"
 # The baseline ("padded") first: the speedups are over it, and over the second too.
 PADDED_METHODS = ("padded", "padded-scored-rows")

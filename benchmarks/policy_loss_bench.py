@@ -1,7 +1,7 @@
 """policy_loss forward+backward on the logits path: siri's backends against PyTorch and peers.
 
-Setting: the paper's GRPO loss (old log-probs given, clip 0.2 / 0.28, no KL, no entropy
-bonus). Methods, measured in the same process:
+Setting: the paper's GRPO loss (old log-probs given, no KL, no entropy bonus, temperature 1)
+with the clip `siri train` uses by default (`GRPO` below). Methods, measured in the same process:
 - siri-<backend>: `policy_loss` (value checks on, as a user calls it); `-inplace` with
   `inplace_backward=True`; `-novalidate` under `SIRI_VALIDATE=0`; `-kernel` the backend's
   `policy_loss_rows` alone on prepared buffers. Their differences are host overhead;
@@ -26,6 +26,7 @@ from typing import Callable
 
 import torch
 
+from siri.config import AlgorithmConfig
 from siri.kernels import available_backends, get_backend, policy_loss, token_logprobs
 from siri.kernels.backends import RowOutputs
 from siri.kernels.config import LossConfig
@@ -42,7 +43,11 @@ from .timing import (
 )
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
-GRPO = LossConfig(clip_low=0.2, clip_high=0.28)
+# The loss every method here computes. The clip is the trainer's default (the paper's, DAPO's
+# decoupled clip), so a change of that default changes what is measured; the rest is pinned
+# to what the eager baselines and the peers implement: temperature 1, no KL, entropy, dual
+# clip or truncated importance sampling.
+GRPO = LossConfig(clip_low=AlgorithmConfig.clip_low, clip_high=AlgorithmConfig.clip_high)
 
 
 def shapes(device: torch.device, quick: bool) -> list[tuple[int, int, str]]:
@@ -206,7 +211,8 @@ def methods(device: torch.device) -> dict[str, Method]:
             continue
 
         def api(b=name, inplace=False):
-            return lambda *a: policy_loss(*a[:4], old_logprobs=a[4], inplace_backward=inplace, backend=b).loss
+            return lambda *a: policy_loss(*a[:4], old_logprobs=a[4], clip_low=GRPO.clip_low, clip_high=GRPO.clip_high,
+                                          inplace_backward=inplace, backend=b).loss
 
         found[f"siri-{name}"] = Method(_loss_step(api(), False))
         if name == "torch":  # the reference: a correctness tool, measured once

@@ -32,9 +32,21 @@ def _require_finite(name: str, value: float) -> float:
     return float(value)
 
 
-def check_temperature(temperature) -> None:
-    if _require_finite("temperature", temperature) <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+# Every temperature siri takes (the kernels', the rollout engines', `siri eval --temperature`)
+# divides logits by it. 0 is greedy decoding, not a distribution; +inf makes every logit 0,
+# uniform sampling whatever the model says; NaN is no number. So: finite and > 0.
+TEMPERATURE_DOMAIN = "a finite number > 0"
+
+
+def is_temperature(value) -> bool:
+    """Whether `value` is a temperature (`TEMPERATURE_DOMAIN`): a real number, not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def check_temperature(temperature, name: str = "temperature") -> None:
+    """ValueError naming `name` unless `temperature` is `TEMPERATURE_DOMAIN`."""
+    if not is_temperature(temperature):
+        raise ValueError(f"{name} must be {TEMPERATURE_DOMAIN}, got {temperature!r}")
 
 
 def check_loss_settings(

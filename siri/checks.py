@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import operator
 from typing import Any
 
@@ -23,7 +24,6 @@ def as_int(name: str, value: Any, *, minimum: int | None) -> int:
     return as_integer
 
 
-
 # A share of something (top-p's probability mass, vLLM's part of the device memory): more
 # than none, at most all of it.
 FRACTION_DOMAIN = "in (0, 1]"
@@ -31,3 +31,12 @@ FRACTION_DOMAIN = "in (0, 1]"
 
 def is_fraction(value) -> bool:
     return isinstance(value, (int, float)) and 0 < value <= 1
+
+
+# A size, a rate, a number of seconds or steps: more than nothing, and finite (an infinite
+# cache size or learning rate only fails later, deep inside, or trains on NaN).
+POSITIVE_DOMAIN = "a finite number > 0"
+
+
+def is_positive(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0

@@ -12,14 +12,24 @@ stderr and exit code 2; any other error is a fault of siri and keeps its traceba
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 
-from siri.checks import FRACTION_DOMAIN, is_fraction
-from siri.config import DEVICES, ENGINES, SEED_LIMIT, DataConfig, ModelConfig, RolloutConfig, TrainConfig, load_config
+from siri.checks import FRACTION_DOMAIN, POSITIVE_DOMAIN, is_fraction, is_positive
+from siri.config import (
+    DEVICES,
+    ENGINES,
+    SEED_DOMAIN,
+    DataConfig,
+    ModelConfig,
+    RolloutConfig,
+    TrainConfig,
+    is_seed,
+    load_config,
+)
 from siri.errors import UserError
 from siri.files import check_output_dir
+from siri.kernels.config import TEMPERATURE_DOMAIN, is_temperature
 from siri.precision import TORCH_DTYPES
 from siri.rewards import DEFAULT_THINK_END
 
@@ -72,7 +82,7 @@ def _positive_int(text: str) -> int:
 
 
 def _seed(text: str) -> int:
-    return _number(int, text, lambda v: 0 <= v < SEED_LIMIT, "an integer in [0, 2**32)")
+    return _number(int, text, is_seed, SEED_DOMAIN)
 
 
 def _fraction(text: str) -> float:
@@ -80,7 +90,11 @@ def _fraction(text: str) -> float:
 
 
 def _positive_float(text: str) -> float:
-    return _number(float, text, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+    return _number(float, text, is_positive, POSITIVE_DOMAIN)
+
+
+def _temperature(text: str) -> float:
+    return _number(float, text, is_temperature, TEMPERATURE_DOMAIN)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--budget", type=_positive_int, help="maximum response tokens (required without --preset)")
     ev.add_argument("--k", type=_positive_int,
                     help=f"samples per problem (default: the preset's, else {EVAL_DEFAULTS['k']})")
-    ev.add_argument("--temperature", type=_positive_float,
+    ev.add_argument("--temperature", type=_temperature,
                     help=f"sampling temperature (default: the preset's, else {EVAL_DEFAULTS['temperature']})")
     ev.add_argument("--top-p", type=_fraction, default=0.95)
     # The defaults and choices are the training config's (siri.config), so eval and training agree.
@@ -127,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the answer is read after this end-of-thinking marker; 'none': anywhere in the response")
     ev.add_argument("--device", default=TrainConfig.device, choices=DEVICES)
     ev.add_argument("--dtype", default=ModelConfig.dtype, choices=list(TORCH_DTYPES))
-    ev.add_argument("--seed", type=_seed, default=0)
+    ev.add_argument("--seed", type=_seed, default=TrainConfig.seed)
     ev.add_argument("--out", help="folder for eval.json and accuracy_vs_length.png")
     ev.set_defaults(run=_eval)
 

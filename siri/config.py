@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from siri.advantages import ADVANTAGE_ESTIMATORS
-from siri.checks import FRACTION_DOMAIN, is_fraction
+from siri.checks import FRACTION_DOMAIN, POSITIVE_DOMAIN, is_fraction, is_positive
 from siri.errors import UserError
 from siri.files import check_output_dir
 from siri.kernels.backends import BACKEND_CHOICES
@@ -42,6 +42,11 @@ DEVICES = ("auto", "cpu", "cuda")
 # Seeds are mixed with the step and the rank into 64-bit sampling seeds (siri.trainer):
 # below 2**32 every mix stays in range.
 SEED_LIMIT = 2**32
+SEED_DOMAIN = "an integer in [0, 2**32)"
+
+
+def is_seed(value: int) -> bool:
+    return 0 <= value < SEED_LIMIT
 
 
 @dataclass
@@ -81,7 +86,7 @@ class ScheduleConfig:
 class RolloutConfig:
     engine: str = "hf"
     n: int = 8  # samples per prompt (the GRPO group)
-    temperature: float = 1.0
+    temperature: float = LossConfig.temperature  # the loss scores at the rollout temperature (loss_config)
     top_p: float = 1.0
     top_k: int = -1
     # vLLM only
@@ -175,8 +180,8 @@ def _at_least(key: str, value, minimum) -> None:
 
 
 def _positive(key: str, value) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise UserError(f"{key} must be a finite number > 0, got {value!r}")
+    if not is_positive(value):
+        raise UserError(f"{key} must be {POSITIVE_DOMAIN}, got {value!r}")
 
 
 def _non_empty(key: str, value: str) -> None:
@@ -257,8 +262,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         _positive("optim.grad_clip (null turns clipping off)", cfg.optim.grad_clip)
     if cfg.reward.overlong_buffer is not None:
         _at_least("reward.overlong_buffer", cfg.reward.overlong_buffer, 1)
-    if not 0 <= cfg.seed < SEED_LIMIT:
-        raise UserError(f"seed must be in [0, 2**32), got {cfg.seed!r}")
+    if not is_seed(cfg.seed):
+        raise UserError(f"seed must be {SEED_DOMAIN}, got {cfg.seed!r}")
     for key in ("rollout.top_p", "rollout.gpu_memory_utilization"):
         if not is_fraction(_value(cfg, key)):
             raise UserError(f"{key} must be {FRACTION_DOMAIN}, got {_value(cfg, key)!r}")

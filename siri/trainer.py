@@ -428,4 +428,3 @@ def train(cfg: TrainConfig, **kwargs) -> list[StepResult]:
         return trainer.fit()
     finally:
         trainer.close()
-

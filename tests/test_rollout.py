@@ -302,7 +302,10 @@ def test_vllm_engine_without_vllm_says_how_to_install(monkeypatch):
 def test_vllm_engine_bad_arguments_name_themselves():
     for kwargs, match in [(dict(dtype="fp8"), "dtype must be one of"), (dict(max_model_len=1), "max_model_len"),
                           (dict(gpu_memory_utilization=1.5), "gpu_memory_utilization"),
-                          (dict(kv_cache_gib=0.0), "kv_cache_gib")]:
+                          (dict(kv_cache_gib=0.0), "kv_cache_gib"),
+                          # inf was accepted, and overflowed in int(kv_cache_gib * 2**30) once vLLM was loaded
+                          (dict(kv_cache_gib=float("inf")), "kv_cache_gib"),
+                          (dict(kv_cache_gib=float("nan")), "kv_cache_gib")]:
         args = dict(max_model_len=64, dtype="bfloat16", gpu_memory_utilization=0.3, enforce_eager=True, seed=0)
         with pytest.raises(ValueError, match=match):  # before vLLM is imported
             VLLMEngine("unused", **{**args, **kwargs})

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from siri.checks import FRACTION_DOMAIN, as_int, is_fraction
+from siri.kernels.config import check_temperature
 
 if TYPE_CHECKING:
     from siri.config import RolloutConfig
@@ -53,8 +54,9 @@ class SamplingSettings:
     """How to sample one step's rollouts.
 
     `top_k <= 0` disables top-k and `top_p == 1` disables top-p (RolloutConfig's defaults,
-    and the paper's: temperature 1, no truncation of the distribution). `seed=None` samples
-    without a fixed seed (not reproducible).
+    and the paper's: temperature 1, no truncation of the distribution). `temperature` is
+    finite and > 0, the rule every temperature follows (`siri.kernels.config.is_temperature`).
+    `seed=None` samples without a fixed seed (not reproducible).
     """
 
     n: int
@@ -65,8 +67,7 @@ class SamplingSettings:
     seed: int | None = None
 
     def __post_init__(self):
-        if not self.temperature > 0:  # also rejects NaN
-            raise ValueError(f"temperature must be > 0 (greedy decoding is not a rollout), got {self.temperature!r}")
+        check_temperature(self.temperature)
         if not is_fraction(self.top_p):
             raise ValueError(f"top_p must be {FRACTION_DOMAIN}, got {self.top_p!r}")
         # Stored as Python ints (the class is frozen, hence object.__setattr__): numpy or torch
@@ -213,4 +214,3 @@ class RolloutEngine(abc.ABC):
 
     def __exit__(self, *exc_info) -> None:
         self.close()
-

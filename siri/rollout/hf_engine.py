@@ -56,13 +56,13 @@ class _TemperedSampler(LogitsProcessor):
     token against the previous step's tempered logits; `finish` scores the last one.
     """
 
-    def __init__(self, temperature: float, top_k: int, top_p: float):
-        self.temperature = temperature
+    def __init__(self, settings: SamplingSettings):
+        self.temperature = settings.temperature
         self.warpers = []
-        if top_k > 0:
-            self.warpers.append(TopKLogitsWarper(top_k=top_k))
-        if top_p < 1.0:
-            self.warpers.append(TopPLogitsWarper(top_p=top_p))
+        if settings.top_k_enabled:
+            self.warpers.append(TopKLogitsWarper(top_k=settings.top_k))
+        if settings.top_p_enabled:
+            self.warpers.append(TopPLogitsWarper(top_p=settings.top_p))
         self._tempered: torch.Tensor | None = None  # [rows, V] of the previous step
         self._log_normaliser: torch.Tensor | None = None  # [rows]
         self.step_logprobs: list[torch.Tensor] = []  # one [rows] tensor per sampled token
@@ -259,7 +259,7 @@ class HFEngine(RolloutEngine):
             input_ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
             attention_mask[row, width - len(prompt):] = 1
 
-        sampler = _TemperedSampler(settings.temperature, settings.top_k, settings.top_p)
+        sampler = _TemperedSampler(settings)
         generation_config = self._generation_config(settings)
         with _generation_mode(module, generation_config), _seeded(seed, device):
             output = module.generate(

@@ -56,7 +56,7 @@ from typing import Any
 
 import torch
 
-from siri.checks import FRACTION_DOMAIN, is_fraction
+from siri.checks import FRACTION_DOMAIN, POSITIVE_DOMAIN, is_fraction, is_positive
 from siri.errors import UserError
 from siri.precision import TORCH_DTYPES
 from siri.rollout.base import (
@@ -98,7 +98,7 @@ def sampling_params_kwargs(settings: SamplingSettings, *, prompt_index: int,
         "n": settings.n,
         "temperature": settings.temperature,
         "top_p": settings.top_p,
-        "top_k": settings.top_k if settings.top_k > 0 else -1,  # -1: disabled, in every vLLM version
+        "top_k": settings.top_k if settings.top_k_enabled else -1,  # -1: disabled, in every vLLM version
         "max_tokens": settings.max_tokens,
         "logprobs": 0,  # the sampled token's log-prob only, no top alternatives
         "stop_token_ids": [int(t) for t in eos_token_ids],
@@ -255,8 +255,8 @@ class VLLMEngine(RolloutEngine):
             raise ValueError(f"max_model_len must be >= 2, got {max_model_len!r}")
         if not is_fraction(gpu_memory_utilization):
             raise ValueError(f"gpu_memory_utilization must be {FRACTION_DOMAIN}, got {gpu_memory_utilization!r}")
-        if kv_cache_gib is not None and not kv_cache_gib > 0:
-            raise ValueError(f"kv_cache_gib must be > 0, got {kv_cache_gib!r}")
+        if kv_cache_gib is not None and not is_positive(kv_cache_gib):
+            raise ValueError(f"kv_cache_gib must be {POSITIVE_DOMAIN}, got {kv_cache_gib!r}")
         if sleep_level not in (1, 2):
             raise ValueError(f"sleep_level must be 1 or 2, got {sleep_level!r}")
         if dtype not in TORCH_DTYPES:
