@@ -130,6 +130,7 @@ def main() -> None:
         "device": name, "versions": versions(), "date": datetime.date.today().isoformat(),
         "quick": args.quick, "copy_bandwidth_gbs": round(copy_gbs, 1), "complete": False, "sections": {},
     }
+
     def section_rows(module):
         return lambda: importlib.import_module(module).measure(device, args.quick, copy_gbs)
 

@@ -220,4 +220,3 @@ def policy_loss_reference(
         kl=torch.where(active, kl, zero),
         clipped=torch.where(active, clip_code, torch.zeros_like(clip_code)),
     )
-

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from siri.checks import as_int
-from siri.config import DataConfig, RolloutConfig
+from siri.config import DataConfig, RolloutConfig, TrainConfig
 from siri.data import PromptDataset
 from siri.errors import UserError
 from siri.files import check_output_dir, write_atomically, write_json_atomically
@@ -157,7 +157,7 @@ def model_name(path: str) -> str:
 
 def run_eval(models: list[str], data_files: list[str], *, budget: int, k: int, out_dir: str | None,
              rollout_cfg: RolloutConfig, data_cfg: DataConfig, device: torch.device, dtype: str,
-             seed: int = 0, think_end: str | None = DEFAULT_THINK_END) -> list[EvalResult]:
+             seed: int = TrainConfig.seed, think_end: str | None = DEFAULT_THINK_END) -> list[EvalResult]:
     """Evaluate each model directory on each data file; print the table, save JSON and PNG."""
     if not models:
         raise UserError("models: give at least one model directory")

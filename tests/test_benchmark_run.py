@@ -44,12 +44,19 @@ def test_a_failing_method_becomes_a_row_naming_its_error():
     assert measured({"method": "ok"}, lambda: {"ms": 1.5}, torch.device("cpu")) == {"method": "ok", "ms": 1.5}
 
 
-def test_every_policy_loss_method_runs_at_a_small_shape():
-    """Each measured method runs (no row of the real benchmark would be an error row)."""
+def test_every_policy_loss_method_runs_and_computes_the_same_loss():
+    """Each measured method runs (no row of the real benchmark would be an error row), and
+    every one of the GRPO loss gives eager PyTorch's loss and gradient: a method left on
+    other settings would time another computation."""
     from benchmarks import policy_loss_bench
 
     device = torch.device("cpu")
     inputs = policy_loss_bench.make_inputs(37, 101, torch.float32, device)
+    results = {}
     for name, method in policy_loss_bench.methods(device).items():
         setup, run = method.make(inputs)
-        run(setup())  # raises on a method the benchmark would record as an error row
+        results[name] = run(setup())  # raises on a method the benchmark would record as an error row
+        if method.computes == "grpo" and method.peer is None:
+            loss, grad = results[name]
+            torch.testing.assert_close(loss, results["eager"][0], rtol=1e-5, atol=1e-6, msg=name)
+            torch.testing.assert_close(grad, results["eager"][1], rtol=1e-4, atol=1e-6, msg=name)

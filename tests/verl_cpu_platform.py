@@ -48,6 +48,7 @@ class CPUPlatform(PlatformBase):
     device_name = "cpu"
     vendor_name = "cpu"
     device_module = _CPUModule
+
     def is_available(self): return True
     def current_device(self): return "cpu"
     def device_count(self): return 1
@@ -63,6 +64,7 @@ class CPUPlatform(PlatformBase):
     @contextlib.contextmanager
     def nvtx_range(self, msg):
         yield
+
     def profiler_start(self): pass
     def profiler_stop(self): pass
     def ray_resource_name(self): return "CPU"
