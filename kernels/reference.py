@@ -156,13 +156,15 @@ def per_token_loss(logp, entropy, advantages, old_logprobs, ref_logprobs, rollou
         clip_code = torch.where(dual_binds, CLIP_DUAL, clip_code)
         dpg_dratio = torch.where(dual_binds, torch.zeros_like(dpg_dratio),
                                  torch.where(dual_ties, 0.5 * dpg_dratio, dpg_dratio))
-    # d ratio / d logp = ratio unless the clamp binds (a NaN log-ratio does not bind: NaN slope).
-    clamp_binds = (log_ratio < -RATIO_LOG_CLAMP) | (log_ratio > RATIO_LOG_CLAMP)
-    slope = torch.where(clamp_binds, torch.zeros_like(ratio), dpg_dratio * ratio)
+    tis = torch.ones_like(ratio)
     if rollout_logprobs is not None and cfg.tis_cap is not None:
         tis = torch.clamp(torch.exp(old - rollout_logprobs), max=cfg.tis_cap).detach()
         pg = pg * tis
-        slope = slope * tis
+    # d ratio / d logp = ratio unless the clamp binds (a NaN log-ratio does not bind: NaN slope).
+    # The TIS weight is inside the clamp's mask, as autograd applies it: where the clamp binds
+    # the slope is 0 even for a NaN weight (old = rollout = -inf, exp(-inf - -inf)).
+    clamp_binds = (log_ratio < -RATIO_LOG_CLAMP) | (log_ratio > RATIO_LOG_CLAMP)
+    slope = torch.where(clamp_binds, torch.zeros_like(ratio), dpg_dratio * ratio * tis)
     loss = pg - cfg.entropy_coef * entropy
     if ref_logprobs is not None:
         kl = kl_penalty(logp, ref_logprobs, cfg.kl_estimator)

@@ -263,14 +263,16 @@ def _token_loss(
         pg = tl.where(dual_binds, dual, pg)
         dpg_dratio = tl.where(dual_binds, 0.0, tl.where(dual_ties, 0.5 * dpg_dratio, dpg_dratio))
         clip_code = tl.where(dual_binds, 2.0, clip_code)
-    dpg_dlogp = tl.where(clamp_binds, 0.0, dpg_dratio * ratio)
+    tis = tl.full((), 1.0, tl.float32)
     if HAS_TIS:
         # Truncated importance weight of the trainer against the rollout engine: a
         # constant factor, no gradient through it.
         ratio_to_rollout = tl.exp(old - rollout)
         tis = tl.where(ratio_to_rollout > tis_cap, tis_cap, ratio_to_rollout)
         pg = pg * tis
-        dpg_dlogp = dpg_dlogp * tis
+    # The weight inside the clamp's mask, as in the reference: 0 where the clamp binds, even
+    # for a NaN weight (old = rollout = -inf).
+    dpg_dlogp = tl.where(clamp_binds, 0.0, dpg_dratio * ratio * tis)
     kl = tl.zeros((), tl.float32)
     dkl_dlogp = tl.zeros((), tl.float32)
     if HAS_REF:

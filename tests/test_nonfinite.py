@@ -132,6 +132,9 @@ CASES = {
                                                             kl_estimator="k3_ratio")),
     "masked-target-kl-coef-0": (MASKED, [2], dict(ref=[-1.0], kl_coef=0.0)),
     "old-minus-inf": (MASKED, [1], dict(old=[-INF], dual_clip=3.0)),
+    # exp(old - rollout) = exp(-inf - -inf) is NaN: a NaN loss, and (the log-ratio clamp binds,
+    # as autograd of the oracle has it) a zero gradient, on every backend.
+    "old-and-rollout-minus-inf": (MASKED, [1], dict(old=[-INF], rollout=[-INF], tis_cap=2.0, entropy_coef=0.1)),
     "only-minus-inf": ([[-INF, -INF, -INF]], [1], dict()),
 }
 

@@ -104,15 +104,17 @@ SIRI_HOST_DEVICE TokenLoss token_loss(float logp, float entropy, int64_t row, co
       dpg_dratio *= 0.5f;  // torch.minimum's even split with the constant branch
     }
   }
-  float dpg_dlogp = clamp_binds ? 0.0f : dpg_dratio * ratio;
+  float tis = 1.0f;
   if (in.rollout_logprobs) {
     // Truncated importance weight of the trainer against the rollout engine: a constant
     // factor, no gradient through it.
     const float ratio_to_rollout = expf(old - in.rollout_logprobs[row]);
-    const float tis = ratio_to_rollout > s.tis_cap ? s.tis_cap : ratio_to_rollout;
+    tis = ratio_to_rollout > s.tis_cap ? s.tis_cap : ratio_to_rollout;
     pg *= tis;
-    dpg_dlogp *= tis;
   }
+  // Inside the clamp's mask, as in the reference: 0 where the clamp binds, even for a NaN
+  // weight (old = rollout = -inf).
+  const float dpg_dlogp = clamp_binds ? 0.0f : dpg_dratio * ratio * tis;
 
   float kl = 0.0f, dkl_dlogp = 0.0f;
   if (in.ref_logprobs) {
