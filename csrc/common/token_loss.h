@@ -154,4 +154,12 @@ SIRI_HOST_DEVICE int64_t load_target(const RowsView& rows, int64_t row) {
   return y < 0 ? 0 : (y >= rows.vocab ? rows.vocab - 1 : y);
 }
 
+// Target index of a row for logprob_backward: as load_target, but a negative target stays -1,
+// meaning the row's target lies outside these columns (kernels/backends.py): no one-hot term.
+SIRI_HOST_DEVICE int64_t load_target_or_absent(const RowsView& rows, int64_t row) {
+  const int64_t y = rows.targets_int64 ? static_cast<const int64_t*>(rows.targets)[row]
+                                       : static_cast<const int32_t*>(rows.targets)[row];
+  return y < 0 ? -1 : (y >= rows.vocab ? rows.vocab - 1 : y);
+}
+
 }  // namespace siri
