@@ -53,14 +53,15 @@ SLICE_MEMORY_FLOOR_BYTES = 32 << 20
 SLICE_COLUMN_MULTIPLE = 128
 
 
-def _slice_budget_bytes(num_rows: int, vocab: int, itemsize: int) -> float:
+def slice_budget_bytes(num_rows: int, vocab: int, itemsize: int) -> float:
+    """The vocabulary split's memory beyond its outputs, for T = num_rows."""
     return max(SLICE_MEMORY_FRACTION * num_rows * vocab * itemsize, SLICE_MEMORY_FLOOR_BYTES)
 
 
 def vocab_slice_size(num_rows: int, vocab: int, itemsize: int) -> int:
     """Columns per vocabulary slice for T = num_rows: the [T, s] slice of logits fills the
     memory budget (the backend writes its gradient over it, with no temporaries)."""
-    budget = _slice_budget_bytes(num_rows, vocab, itemsize)
+    budget = slice_budget_bytes(num_rows, vocab, itemsize)
     columns = int(budget // (max(num_rows, 1) * itemsize)) // SLICE_COLUMN_MULTIPLE * SLICE_COLUMN_MULTIPLE
     return min(vocab, max(SLICE_COLUMN_MULTIPLE, columns))
 
@@ -80,7 +81,7 @@ def row_chunks_within_budget(num_rows: int, vocab: int, hidden_size: int, itemsi
     the row chunks: the same memory, a quarter fewer flops. Large vocabularies (Qwen2's
     151,936) stay on the split.
     """
-    budget = _slice_budget_bytes(num_rows, vocab, itemsize)
+    budget = slice_budget_bytes(num_rows, vocab, itemsize)
     if itemsize < 4:
         budget -= vocab * hidden_size * 4
     rows = int(budget // (vocab * itemsize))
@@ -94,6 +95,23 @@ def _spans(length: int, size: int):
 
 def _linear(hidden, weight, bias):
     return hidden @ weight.t() if bias is None else torch.addmm(bias, hidden, weight.t())
+
+
+class LogitsBuffer:
+    """Storage of the logits of one vocabulary slice or row chunk, reused by the next one: a
+    fresh tensor per GEMM would keep two alive at once (the loop's last one and its next)."""
+
+    def __init__(self, like: torch.Tensor, numel: int):
+        self._storage = like.new_empty(numel)
+
+    def linear(self, hidden, weight, bias):
+        """hidden @ weight.T (+ bias), [rows, columns] contiguous, over the previous logits."""
+        out = self._storage[: hidden.shape[0] * weight.shape[0]].view(hidden.shape[0], weight.shape[0])
+        return torch.mm(hidden, weight.t(), out=out) if bias is None else torch.addmm(bias, hidden, weight.t(), out=out)
+
+
+def _slice_buffer(hidden, weight, slice_size: int) -> LogitsBuffer:
+    return LogitsBuffer(hidden, hidden.shape[0] * min(slice_size, weight.shape[0]))
 
 
 def _pick(tensor, index):
@@ -157,7 +175,8 @@ def _slice_targets(targets, active, columns: slice):
     return torch.where(holds, local, -1)
 
 
-def _vocab_statistics(hidden, weight, bias, targets, active, temperature, impl, slice_size) -> RowStatistics:
+def _vocab_statistics(hidden, weight, bias, targets, active, temperature, impl, slice_size,
+                      buffer: LogitsBuffer) -> RowStatistics:
     num_rows = hidden.shape[0]
     stats = RowStatistics(num_rows, hidden.device)
     make = lambda: hidden.new_empty(num_rows, dtype=torch.float32)  # noqa: E731
@@ -165,7 +184,7 @@ def _vocab_statistics(hidden, weight, bias, targets, active, temperature, impl, 
     all_rows = torch.arange(num_rows, device=hidden.device)
     lse_to_nats = math.log(impl.lse_base)  # the backend's lse may be in base 2 (backends.py)
     for columns in _spans(weight.shape[0], slice_size):
-        logits = _linear(hidden, weight[columns], _pick(bias, columns))
+        logits = buffer.linear(hidden, weight[columns], _pick(bias, columns))
         local = _slice_targets(targets, active, columns)
         # A row whose target is elsewhere reads some entry here: its target log-prob is not kept.
         in_slice = local.clamp(min=0)
@@ -189,7 +208,8 @@ def vocab_split_policy_loss(hidden, weight, bias, targets, advantages, weights, 
     asked for is None. Per-token inputs float32 [T]; `slice_size` is `vocab_slice_size`'s
     columns; see the module docstring."""
     active = weights != 0
-    stats = _vocab_statistics(hidden, weight, bias, targets, active, cfg.temperature, impl, slice_size)
+    buffer = _slice_buffer(hidden, weight, slice_size)
+    stats = _vocab_statistics(hidden, weight, bias, targets, active, cfg.temperature, impl, slice_size, buffer)
     zero = torch.zeros((), device=hidden.device)
     logprobs = torch.where(active, stats.logprobs(), zero)
     entropy = torch.where(active, stats.entropy(), zero)
@@ -207,7 +227,7 @@ def vocab_split_policy_loss(hidden, weight, bias, targets, advantages, weights, 
     bias_grad = torch.empty(weight.shape[0], dtype=torch.float32, device=hidden.device) \
         if grad_weight and bias is not None else None
     for columns in _spans(weight.shape[0], slice_size):
-        dlogits = _linear(hidden, weight[columns], _pick(bias, columns))
+        dlogits = buffer.linear(hidden, weight[columns], _pick(bias, columns))
         impl.logprob_backward(dlogits, _slice_targets(targets, active, columns), cfg.temperature, lse, logprobs,
                               entropy, c, e, dlogits)
         if grad_weight:
@@ -222,7 +242,8 @@ def vocab_split_policy_loss(hidden, weight, bias, targets, advantages, weights, 
 def vocab_split_token_logprobs(hidden, weight, bias, targets, temperature, impl, slice_size):
     """(logprobs, entropy) float32 [T] of every row, one vocabulary slice of logits at a time."""
     active = torch.ones(hidden.shape[0], dtype=torch.bool, device=hidden.device)
-    stats = _vocab_statistics(hidden, weight, bias, targets, active, temperature, impl, slice_size)
+    stats = _vocab_statistics(hidden, weight, bias, targets, active, temperature, impl, slice_size,
+                              _slice_buffer(hidden, weight, slice_size))
     return stats.logprobs(), stats.entropy()
 
 
@@ -235,9 +256,10 @@ def row_chunked_policy_loss(hidden, weight, bias, targets, advantages, weights, 
     weight_grad = _half_grad_buffer(weight, zero=True) if grad_weight else None
     bias_grad = torch.zeros(weight.shape[0], dtype=torch.float32, device=hidden.device) \
         if grad_weight and bias is not None else None
+    buffer = LogitsBuffer(hidden, min(chunk_size, num_rows) * weight.shape[0])
     for rows in _spans(num_rows, chunk_size):
         hidden_chunk = hidden[rows]
-        logits = _linear(hidden_chunk, weight, bias)
+        logits = buffer.linear(hidden_chunk, weight, bias)
         chunk_out = RowOutputs(out.logprobs[rows], out.entropy[rows], out.loss[rows], out.kl[rows], out.clipped[rows])
         impl.policy_loss_rows(
             logits, targets[rows], advantages[rows], weights[rows], _pick(old, rows), _pick(ref, rows),

@@ -18,8 +18,8 @@ CHUNKINGS = [None, 16]
 
 @pytest.fixture(autouse=True)
 def small_slices(monkeypatch):
-    """Slices of 32 columns and gradient blocks of a few rows at the tests' sizes, so that the
-    merge across slices and the row blocks are exercised (the defaults give one slice here)."""
+    """Slices of 32 columns at the tests' sizes, so that the merge across slices and the rows
+    whose target lies in another slice are exercised (the defaults give one slice here)."""
     monkeypatch.setattr(fused_linear_algorithms, "SLICE_MEMORY_FLOOR_BYTES", 0)
     monkeypatch.setattr(fused_linear_algorithms, "SLICE_COLUMN_MULTIPLE", 32)
 
@@ -93,7 +93,7 @@ def check(backend, num_rows, hidden_size, vocab, options, *, chunk_size, with_bi
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_every_option_matches_logits_path(backend, options, chunk_size):
     # 50 rows in chunks of 16 (the last one ragged), or V = 211 in 7 slices of 32 columns
-    # (the last one ragged) and gradient blocks of 1 row. H = 37 and V = 211 are prime.
+    # (the last one ragged). H = 37 and V = 211 are prime.
     check(backend, 50, 37, 211, OPTION_SETS[options], chunk_size=chunk_size, with_bias=options == "everything",
           seed=11)
 
