@@ -16,6 +16,7 @@ from conftest import DEVICE
 from kernel_cases import assert_close_to_oracle, backends_on, interpreter_truncates_bf16
 
 from siri.kernels import get_backend
+from siri.kernels.backends import lse_buffer
 from siri.kernels.reference import logits_gradient, logprobs_and_entropy
 
 BACKENDS = backends_on(DEVICE)
@@ -46,7 +47,7 @@ def whole_row_gradient(logits, targets, grad_logp, grad_ent, temperature, comput
 
 
 def backend_lse(impl, logits, targets, temperature):
-    lse, unused = torch.empty(logits.shape[0], device=DEVICE), torch.empty(logits.shape[0], device=DEVICE)
+    lse, unused = lse_buffer(logits.shape[0], DEVICE), torch.empty(logits.shape[0], device=DEVICE)
     impl.logprob_rows(logits, targets, temperature, unused, None, lse)
     return lse
 
