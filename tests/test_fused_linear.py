@@ -1,5 +1,7 @@
 """fused_linear_policy_loss / fused_linear_token_logprobs against the logits path by hand."""
 
+import math
+
 import pytest
 import torch
 from conftest import DEVICE
@@ -347,3 +349,14 @@ def test_token_logprobs_compiles_forward_and_backward():
     compiled = torch.autograd.grad(torch.compile(objective, fullgraph=True)(*leaves), leaves)
     for got, want in zip(compiled, eager):
         torch.testing.assert_close(got, want)
+
+
+def test_split_passes_the_merged_lse_in_two_float32_parts():
+    """The float64 lse of the merge reaches each slice's backward as float32 (high, low), the
+    two-part lse of backends.py: their sum keeps ~48 bits, where one float32 keeps 24."""
+    values = torch.tensor([1e4 + 1 / 3, -7.25, 123456.789012345, -math.inf], dtype=torch.float64)
+    parts = fused_linear_algorithms._float32_parts(values)
+    assert parts.dtype == torch.float32 and parts.shape == (4, 2)
+    finite = values.isfinite()
+    torch.testing.assert_close(parts[finite].double().sum(-1), values[finite], rtol=1e-13, atol=0)
+    assert parts[~finite, 0].item() == -math.inf
