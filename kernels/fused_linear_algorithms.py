@@ -2,8 +2,8 @@
 
 Vocabulary split (the default, memory-lean; verl's structure; where row chunks fit the same
 memory, `row_chunks_within_budget`, the default takes them instead). The vocabulary is cut into
-slices of s columns; one [T, s] slice of logits exists at a time, about 1% of the [T, V]
-logits (`vocab_slice_size`), and its gradient is written over it.
+slices of s columns; one [T, s] slice of logits exists at a time (one buffer, reused), about
+1% of the [T, V] logits (`vocab_slice_size`), and its gradient is written over it.
 
     statistics pass, per slice:  logits_s = hidden @ weight_s.T (+ bias_s); the backend's
         `logprob_rows` gives each row's log-sum-exp, entropy and target log-prob within
@@ -12,8 +12,8 @@ logits (`vocab_slice_size`), and its gradient is written over it.
         and e = d loss / d H;
     gradient pass, per slice:  logits_s recomputed and overwritten with d loss / d logits_s
         by the backend's `logprob_backward` (one fused pass over the slice, from the whole
-        rows' lse and entropy; a row whose target lies in another slice has target -1 there,
-        so no one-hot term), then
+        rows' entropy and float64 lse, handed over as two float32 parts; a row whose target
+        lies in another slice has target -1 there, so no one-hot term), then
         grad_weight[slice] = dlogits_s.T @ hidden          written once, one GEMM over T
         grad_hidden       += dlogits_s @ weight_s          float32 accumulator
         grad_bias[slice]   = dlogits_s.sum(0)
