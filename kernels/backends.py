@@ -34,7 +34,11 @@ logprob_backward(logits, targets, temperature, lse, logprobs, entropy, grad_logp
     grad_logits = reference.logits_gradient(logits, targets, temperature, (m, log s), entropy,
     c=grad_logprobs, e=grad_entropy) with `lse` [T, 2] as logprob_rows writes it (its two
     columns may be any split of the log-sum-exp, e.g. a float64 value's high and low parts):
-    d(g logp + h H) / d logits (the entropy term only when grad_entropy is not None).
+    d(g logp + h H) / d logits (the entropy term only when grad_entropy is not None). A row
+    whose target is negative has no one-hot term: its target lies outside these columns (the
+    vocabulary split of `fused_linear_algorithms.py` passes one slice of a row at a time, with
+    the whole row's lse and entropy), and its `logprobs` entry is not read. `grad_logits` may
+    be `logits` itself.
 """
 
 from __future__ import annotations

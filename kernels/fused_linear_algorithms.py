@@ -2,15 +2,18 @@
 
 Vocabulary split (the default, memory-lean; verl's structure; where row chunks fit the same
 memory, `row_chunks_within_budget`, the default takes them instead). The vocabulary is cut into
-slices of s columns; one [T, s] slice of logits exists at a time (with float32 temporaries
-for a block of its rows): about 1% of the [T, V] logits (`vocab_slice_size`).
+slices of s columns; one [T, s] slice of logits exists at a time (one buffer, reused), about
+1% of the [T, V] logits (`vocab_slice_size`), and its gradient is written over it.
 
     statistics pass, per slice:  logits_s = hidden @ weight_s.T (+ bias_s); the backend's
         `logprob_rows` gives each row's log-sum-exp, entropy and target log-prob within
         the slice, merged across slices into the row's (online, in float64 over [T]);
-    per-token loss:  `reference.per_token_loss` on [T] vectors gives c = d loss / d logp;
-    gradient pass, per slice:  logits_s recomputed, d loss / d logits_s formed
-        (`reference.logits_gradient`'s formula), then
+    per-token loss:  `reference.per_token_loss` on [T] vectors gives c = d loss / d logp
+        and e = d loss / d H;
+    gradient pass, per slice:  logits_s recomputed and overwritten with d loss / d logits_s
+        by the backend's `logprob_backward` (one fused pass over the slice, from the whole
+        rows' entropy and float64 lse, handed over as two float32 parts; a row whose target
+        lies in another slice has target -1 there, so no one-hot term), then
         grad_weight[slice] = dlogits_s.T @ hidden          written once, one GEMM over T
         grad_hidden       += dlogits_s @ weight_s          float32 accumulator
         grad_bias[slice]   = dlogits_s.sum(0)
@@ -48,21 +51,19 @@ SLICE_MEMORY_FRACTION = 0.01
 SLICE_MEMORY_FLOOR_BYTES = 32 << 20
 # Slice widths are a multiple of this (tensor-core tiles), never fewer.
 SLICE_COLUMN_MULTIPLE = 128
-# Float32 bytes per element of a slice's gradient temporaries (log p and one factor),
-# formed over a block of rows at a time.
-_GRADIENT_TEMPORARY_BYTES = 8
 
 
-def vocab_slice_size(num_rows: int, vocab: int, itemsize: int) -> tuple[int, int]:
-    """(columns per vocabulary slice, rows per gradient block) for T = num_rows.
+def slice_budget_bytes(num_rows: int, vocab: int, itemsize: int) -> float:
+    """The vocabulary split's memory beyond its outputs, for T = num_rows."""
+    return max(SLICE_MEMORY_FRACTION * num_rows * vocab * itemsize, SLICE_MEMORY_FLOOR_BYTES)
 
-    Half the memory budget holds the [T, s] slice of logits (their gradient is written
-    over them), half the float32 temporaries of one [rows, s] block of its gradient.
-    """
-    half = max(SLICE_MEMORY_FRACTION * num_rows * vocab * itemsize, SLICE_MEMORY_FLOOR_BYTES) / 2
-    columns = int(half // (max(num_rows, 1) * itemsize)) // SLICE_COLUMN_MULTIPLE * SLICE_COLUMN_MULTIPLE
-    columns = min(vocab, max(SLICE_COLUMN_MULTIPLE, columns))
-    return columns, max(1, int(half // (columns * _GRADIENT_TEMPORARY_BYTES)))
+
+def vocab_slice_size(num_rows: int, vocab: int, itemsize: int) -> int:
+    """Columns per vocabulary slice for T = num_rows: the [T, s] slice of logits fills the
+    memory budget (the backend writes its gradient over it, with no temporaries)."""
+    budget = slice_budget_bytes(num_rows, vocab, itemsize)
+    columns = int(budget // (max(num_rows, 1) * itemsize)) // SLICE_COLUMN_MULTIPLE * SLICE_COLUMN_MULTIPLE
+    return min(vocab, max(SLICE_COLUMN_MULTIPLE, columns))
 
 
 # Row chunks this long keep the per-chunk traffic of the [V, H] head gradient small
@@ -80,7 +81,7 @@ def row_chunks_within_budget(num_rows: int, vocab: int, hidden_size: int, itemsi
     the row chunks: the same memory, a quarter fewer flops. Large vocabularies (Qwen2's
     151,936) stay on the split.
     """
-    budget = max(SLICE_MEMORY_FRACTION * num_rows * vocab * itemsize, SLICE_MEMORY_FLOOR_BYTES)
+    budget = slice_budget_bytes(num_rows, vocab, itemsize)
     if itemsize < 4:
         budget -= vocab * hidden_size * 4
     rows = int(budget // (vocab * itemsize))
@@ -94,6 +95,23 @@ def _spans(length: int, size: int):
 
 def _linear(hidden, weight, bias):
     return hidden @ weight.t() if bias is None else torch.addmm(bias, hidden, weight.t())
+
+
+class LogitsBuffer:
+    """Storage of the logits of one vocabulary slice or row chunk, reused by the next one: a
+    fresh tensor per GEMM would keep two alive at once (the loop's last one and its next)."""
+
+    def __init__(self, like: torch.Tensor, numel: int):
+        self._storage = like.new_empty(numel)
+
+    def linear(self, hidden, weight, bias):
+        """hidden @ weight.T (+ bias), [rows, columns] contiguous, over the previous logits."""
+        out = self._storage[: hidden.shape[0] * weight.shape[0]].view(hidden.shape[0], weight.shape[0])
+        return torch.mm(hidden, weight.t(), out=out) if bias is None else torch.addmm(bias, hidden, weight.t(), out=out)
+
+
+def _slice_buffer(hidden, weight, slice_size: int) -> LogitsBuffer:
+    return LogitsBuffer(hidden, hidden.shape[0] * min(slice_size, weight.shape[0]))
 
 
 def _pick(tensor, index):
@@ -150,13 +168,15 @@ class RowStatistics:
 
 
 def _slice_targets(targets, active, columns: slice):
-    """(targets as slice indices clamped into it, whether the row's target is in the slice)."""
+    """The targets as indices into the slice; -1 where the slice does not hold the row's
+    target (or the row has weight 0): `logprob_backward`'s rows without a one-hot term."""
     local = targets.long() - columns.start
     holds = active & (local >= 0) & (local < columns.stop - columns.start)
-    return local.clamp(0, columns.stop - columns.start - 1), holds
+    return torch.where(holds, local, -1)
 
 
-def _vocab_statistics(hidden, weight, bias, targets, active, temperature, impl, slice_size) -> RowStatistics:
+def _vocab_statistics(hidden, weight, bias, targets, active, temperature, impl, slice_size,
+                      buffer: LogitsBuffer) -> RowStatistics:
     num_rows = hidden.shape[0]
     stats = RowStatistics(num_rows, hidden.device)
     make = lambda: hidden.new_empty(num_rows, dtype=torch.float32)  # noqa: E731
@@ -164,41 +184,32 @@ def _vocab_statistics(hidden, weight, bias, targets, active, temperature, impl, 
     all_rows = torch.arange(num_rows, device=hidden.device)
     lse_to_nats = math.log(impl.lse_base)  # the backend's lse may be in base 2 (backends.py)
     for columns in _spans(weight.shape[0], slice_size):
-        logits = _linear(hidden, weight[columns], _pick(bias, columns))
-        local, holds = _slice_targets(targets, active, columns)
-        impl.logprob_rows(logits, local, temperature, logp_s, entropy_s, lse_s)
+        logits = buffer.linear(hidden, weight[columns], _pick(bias, columns))
+        local = _slice_targets(targets, active, columns)
+        # A row whose target is elsewhere reads some entry here: its target log-prob is not kept.
+        in_slice = local.clamp(min=0)
+        impl.logprob_rows(logits, in_slice, temperature, logp_s, entropy_s, lse_s)
         # logp = u_y - lse from the logit itself (not logp_s + lse_s: two more roundings).
-        stats.merge(lse_s.double().sum(-1) * lse_to_nats, entropy_s, logits[all_rows, local].double() / temperature,
-                    holds)
+        stats.merge(lse_s.double().sum(-1) * lse_to_nats, entropy_s, logits[all_rows, in_slice].double() / temperature,
+                    local >= 0)
     return stats
 
 
-def _write_slice_gradient_(logits, local, holds, lse, entropy, c, e, temperature, has_entropy_term,
-                           block_rows: int) -> None:
-    """Overwrite one slice of logits with d loss / d logits (the formula of
-    `reference.logits_gradient`, the one-hot term only where the slice holds the target),
-    `block_rows` rows at a time so that the float32 temporaries stay small."""
-    for rows in _spans(logits.shape[0], block_rows):
-        log_p = logits[rows].float().div_(temperature).sub_(lse[rows, None])  # a fresh float32 tensor
-        if has_entropy_term:
-            # c + e (log p + H); where p = 0 (a -inf logit) the product below must be 0, not NaN.
-            factor = (log_p + entropy[rows, None]).mul_(e[rows, None]).add_(c[rows, None])
-            factor.masked_fill_(log_p == -math.inf, 0.0)
-            grad = log_p.exp_().mul_(factor).neg_()
-        else:
-            grad = log_p.exp_().mul_(-c[rows, None])
-        hit = holds[rows].nonzero()[:, 0]
-        grad[hit, local[rows][hit]] += c[rows][hit]
-        logits[rows] = grad.div_(temperature)
+def _float32_parts(values: torch.Tensor) -> torch.Tensor:
+    """float64 [T] as float32 [T, 2] (high, low) summing to it: the two-part lse of backends.py,
+    which keeps log p = (u - high) - low as exact as float32 u allows at large |u|."""
+    high = values.float()
+    return torch.stack((high, (values - high.double()).float()), dim=-1)
 
 
 def vocab_split_policy_loss(hidden, weight, bias, targets, advantages, weights, old, ref, rollout, cfg: LossConfig,
                             impl, slice_size: int, grad_hidden: bool, grad_weight: bool):
     """(RowOutputs, grad of hidden, grad of weight, grad of bias (float32)); a gradient not
     asked for is None. Per-token inputs float32 [T]; `slice_size` is `vocab_slice_size`'s
-    (columns, gradient block rows); see the module docstring."""
+    columns; see the module docstring."""
     active = weights != 0
-    stats = _vocab_statistics(hidden, weight, bias, targets, active, cfg.temperature, impl, slice_size[0])
+    buffer = _slice_buffer(hidden, weight, slice_size)
+    stats = _vocab_statistics(hidden, weight, bias, targets, active, cfg.temperature, impl, slice_size, buffer)
     zero = torch.zeros((), device=hidden.device)
     logprobs = torch.where(active, stats.logprobs(), zero)
     entropy = torch.where(active, stats.entropy(), zero)
@@ -207,19 +218,18 @@ def vocab_split_policy_loss(hidden, weight, bias, targets, advantages, weights, 
                      torch.where(active, clipped, zero))
     if not (grad_hidden or grad_weight):
         return out, None, None, None
+    # A row of weight 0 has c = e = 0 and no target in any slice: -p_j (0 + 0) = 0 everywhere.
     c = torch.where(active, weights * slope, zero)
-    e = torch.where(active, -cfg.entropy_coef * weights, zero)
-    lse = stats.lse.float()
+    e = torch.where(active, -cfg.entropy_coef * weights, zero) if cfg.has_entropy_grad else None
+    lse = _float32_parts(stats.lse / math.log(impl.lse_base))  # the whole rows', in the backend's unit
     hidden_grad = _half_grad_buffer(hidden, zero=True) if grad_hidden else None
     weight_grad = torch.empty_like(weight) if grad_weight else None
     bias_grad = torch.empty(weight.shape[0], dtype=torch.float32, device=hidden.device) \
         if grad_weight and bias is not None else None
-    columns_per_slice, block_rows = slice_size
-    for columns in _spans(weight.shape[0], columns_per_slice):
-        local, holds = _slice_targets(targets, active, columns)
-        dlogits = _linear(hidden, weight[columns], _pick(bias, columns))
-        _write_slice_gradient_(dlogits, local, holds, lse, entropy, c, e, cfg.temperature, cfg.has_entropy_grad,
-                               block_rows)
+    for columns in _spans(weight.shape[0], slice_size):
+        dlogits = buffer.linear(hidden, weight[columns], _pick(bias, columns))
+        impl.logprob_backward(dlogits, _slice_targets(targets, active, columns), cfg.temperature, lse, logprobs,
+                              entropy, c, e, dlogits)
         if grad_weight:
             torch.mm(dlogits.t(), hidden, out=weight_grad[columns])
             if bias_grad is not None:
@@ -232,7 +242,8 @@ def vocab_split_policy_loss(hidden, weight, bias, targets, advantages, weights, 
 def vocab_split_token_logprobs(hidden, weight, bias, targets, temperature, impl, slice_size):
     """(logprobs, entropy) float32 [T] of every row, one vocabulary slice of logits at a time."""
     active = torch.ones(hidden.shape[0], dtype=torch.bool, device=hidden.device)
-    stats = _vocab_statistics(hidden, weight, bias, targets, active, temperature, impl, slice_size[0])
+    stats = _vocab_statistics(hidden, weight, bias, targets, active, temperature, impl, slice_size,
+                              _slice_buffer(hidden, weight, slice_size))
     return stats.logprobs(), stats.entropy()
 
 
@@ -245,9 +256,10 @@ def row_chunked_policy_loss(hidden, weight, bias, targets, advantages, weights, 
     weight_grad = _half_grad_buffer(weight, zero=True) if grad_weight else None
     bias_grad = torch.zeros(weight.shape[0], dtype=torch.float32, device=hidden.device) \
         if grad_weight and bias is not None else None
+    buffer = LogitsBuffer(hidden, min(chunk_size, num_rows) * weight.shape[0])
     for rows in _spans(num_rows, chunk_size):
         hidden_chunk = hidden[rows]
-        logits = _linear(hidden_chunk, weight, bias)
+        logits = buffer.linear(hidden_chunk, weight, bias)
         chunk_out = RowOutputs(out.logprobs[rows], out.entropy[rows], out.loss[rows], out.kl[rows], out.clipped[rows])
         impl.policy_loss_rows(
             logits, targets[rows], advantages[rows], weights[rows], _pick(old, rows), _pick(ref, rows),

@@ -3,10 +3,9 @@
 
 The forward is the forward-only op (`siri::fused_linear_token_logprobs`, one chunk of
 logits at a time). The backward forms each chunk's logits again (one GEMM), their
-log-sum-exp, and turns them into their gradient with the backend's token_logprobs backward
-(`logprob_backward`, which every backend has), then two GEMMs give the chunk's share of
-the hidden, weight and bias gradients: one chunk of logits and one of gradient live at a
-time.
+log-sum-exp, and overwrites them with their gradient by the backend's token_logprobs
+backward (`logprob_backward`, which every backend has, in place), then two GEMMs give the
+chunk's share of the hidden, weight and bias gradients: one chunk of logits lives at a time.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ import torch
 
 from .autograd_returns import InputGradients
 from .backends import lse_buffer, resolve_backend
-from .fused_linear_algorithms import SLICE_MEMORY_FLOOR_BYTES, SLICE_MEMORY_FRACTION
+from .fused_linear_algorithms import LogitsBuffer, slice_budget_bytes
 
 torch.library.define(
     "siri::fused_linear_token_logprobs_backward",
@@ -27,8 +26,7 @@ torch.library.define(
 
 def backward_rows(num_rows: int, vocab: int, itemsize: int) -> int:
     """Rows per chunk of the backward without a `chunk_size`: the forward's vocabulary-split memory budget."""
-    budget = max(SLICE_MEMORY_FRACTION * num_rows * vocab * itemsize, SLICE_MEMORY_FLOOR_BYTES)
-    return max(1, int(budget // (2 * vocab * itemsize)))  # a chunk of logits and one of gradient
+    return max(1, int(slice_budget_bytes(num_rows, vocab, itemsize) // (vocab * itemsize)))
 
 
 def _row_chunks(num_rows: int, chunk_size: int):
@@ -50,14 +48,15 @@ def _backward_op(hidden, weight, bias, targets, logprobs, entropy, grad_logprobs
         if grad_weight and bias is not None
         else hidden.new_empty(0)
     )
+    buffer = LogitsBuffer(hidden, min(chunk_size, hidden.shape[0]) * weight.shape[0])
     for rows in _row_chunks(hidden.shape[0], chunk_size):
         hidden_chunk = hidden[rows]
-        logits = hidden_chunk @ weight.t() if bias is None else torch.addmm(bias, hidden_chunk, weight.t())
+        logits = buffer.linear(hidden_chunk, weight, bias)
         # The row statistic the backend's backward reads, by that backend (in its unit and its
         # rounding: Backend.lse_base).
         lse, unused_logprobs = lse_buffer(logits.shape[0], logits.device), torch.empty_like(logprobs[rows])
         impl.logprob_rows(logits, targets[rows], temperature, unused_logprobs, None, lse)
-        grad_logits = torch.empty_like(logits)
+        grad_logits = logits  # written over the logits (backends.py allows it)
         impl.logprob_backward(
             logits, targets[rows], temperature, lse, logprobs[rows], None if entropy is None else entropy[rows],
             grad_logprobs[rows], None if grad_entropy is None else grad_entropy[rows], grad_logits,

@@ -62,13 +62,20 @@ def logits_gradient(logits, targets, temperature, lse, entropy, c, e):
     0 * inf = NaN there), as autograd of `logprobs_and_entropy` does. `lse` is the rows'
     log-sum-exp, or its two parts (m, log s) of `log_sum_exp_parts`, which keep log p exact
     where u - lse would round it (large |u|).
+
+    `logits` may be some columns of the rows only (a vocabulary slice), with the whole rows'
+    lse and entropy: a row whose target is negative (it lies in other columns) then takes
+    no one-hot term.
     """
     hi, lo = lse if isinstance(lse, tuple) else (lse, torch.zeros_like(lse))
     log_p = (logits / temperature - hi.unsqueeze(-1)) - lo.unsqueeze(-1)
     p = torch.exp(log_p)
     entropy_term = torch.where(p > 0, log_p + entropy.unsqueeze(-1), torch.zeros_like(log_p))
     grad = -p * (c.unsqueeze(-1) + e.unsqueeze(-1) * entropy_term)
-    grad.scatter_add_(-1, targets.long().unsqueeze(-1), c.unsqueeze(-1).to(grad.dtype))
+    holds = targets >= 0
+    # A row without its target adds 0 to its first entry (chosen, not multiplied: c may be infinite).
+    one_hot = torch.where(holds, c, torch.zeros_like(c)).to(grad.dtype)
+    grad.scatter_add_(-1, torch.where(holds, targets, 0).long().unsqueeze(-1), one_hot.unsqueeze(-1))
     return grad / temperature
 
 

@@ -76,7 +76,8 @@ def logprob_rows(logits, targets, temperature, logprobs, entropy, lse):
 
 
 def logprob_backward(logits, targets, temperature, lse, logprobs, entropy, grad_logprobs, grad_entropy, grad_logits):
-    targets = _clamped(targets, logits.shape[1])
+    # A negative target means none in these columns (backends.py): only the upper end is clamped.
+    targets = targets.clamp(max=logits.shape[1] - 1)
     for rows in _row_blocks(logits.shape[0], logits.shape[1]):
         c = grad_logprobs[rows]
         if grad_entropy is None:

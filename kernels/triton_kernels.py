@@ -180,11 +180,13 @@ def _gradient_tile(x, scale, lse2_hi, lse2_lo, slope_a, slope_b, HAS_ENTROPY_TER
 @triton.jit
 def _write_row_gradient(
     row_ptr, grad_row_ptr, V, target, target_log2p, tail, scale, inv_temperature, lse2_hi, lse2_lo, entropy, c, e,
-    HAS_ENTROPY_TERM: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_ENTROPY_TERM: tl.constexpr, BLOCK_V: tl.constexpr, TARGET_MAY_BE_ABSENT: tl.constexpr,
 ):
     """d loss / d logits of one row: the tail tile from registers, then the full tiles last
     to first (re-read with `evict_first`), then the target's entry once, from its log2 p
     (computed before any store: with an in-place gradient the row is overwritten here).
+    With TARGET_MAY_BE_ABSENT a negative `target` means the row's target lies in other
+    columns (a vocabulary slice): no one-hot term, and `target_log2p` is not used.
     """
     slope_a = -e * LN2 * inv_temperature
     slope_b = -(c + e * entropy) * inv_temperature
@@ -202,8 +204,11 @@ def _write_row_gradient(
     # Every thread's store of the row above is visible before the target's entry is
     # rewritten with its one-hot term (the same formula, plus c / tau).
     tl.debug_barrier()
-    grad_target = _gradient_of_log2p(target_log2p, slope_a, slope_b, HAS_ENTROPY_TERM)
-    tl.store(grad_row_ptr + target, (grad_target + c * inv_temperature).to(dtype))
+    grad_target = (_gradient_of_log2p(target_log2p, slope_a, slope_b, HAS_ENTROPY_TERM) + c * inv_temperature).to(dtype)
+    if TARGET_MAY_BE_ABSENT:
+        tl.store(grad_row_ptr + target, grad_target, mask=target >= 0)
+    else:
+        tl.store(grad_row_ptr + target, grad_target)
 
 
 @triton.jit
@@ -227,6 +232,13 @@ def _load_target(targets_ptr, row, V):
     # Validation rejects out-of-range targets before launch; the clamp only keeps a run with
     # SIRI_VALIDATE=0 from reading outside the row. 32-bit: an index within one row.
     return tl.minimum(tl.maximum(tl.load(targets_ptr + row).to(tl.int32), 0), V - 1)
+
+
+@triton.jit
+def _load_target_or_absent(targets_ptr, row, V):
+    # As `_load_target`, but a negative target (none in these columns) stays -1.
+    target = tl.load(targets_ptr + row).to(tl.int32)
+    return tl.where(target < 0, -1, tl.minimum(target, V - 1))
 
 
 @triton.jit
@@ -363,7 +375,7 @@ def policy_loss_kernel(
             if COMPUTE_GRAD:
                 _write_row_gradient(
                     row_ptr, grad_row_ptr, V, target, target_log2p, tail, scale, inv_temperature, m, log2_s, entropy,
-                    weight * dloss_dlogp, -weight * entropy_coef, HAS_ENTROPY_GRAD, BLOCK_V,
+                    weight * dloss_dlogp, -weight * entropy_coef, HAS_ENTROPY_GRAD, BLOCK_V, False,
                 )
 
 
@@ -392,7 +404,8 @@ def logprob_backward_kernel(
     grad_logprobs_ptr, grad_entropy_ptr, num_rows, V, scale, inv_temperature,
     HAS_GRAD_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    """d (sum g logp + h H) / d logits from the forward's lse and entropy: one read per row."""
+    """d (sum g logp + h H) / d logits from the forward's lse and entropy: one read per row. A
+    row with a negative target has no one-hot term and its log-prob is not read (backends.py)."""
     for row in range(tl.program_id(0), num_rows, tl.num_programs(0)):
         row_ptr = logits_ptr + tl.cast(row, tl.int64) * logits_row_stride
         if HAS_GRAD_ENTROPY:
@@ -401,15 +414,15 @@ def logprob_backward_kernel(
         else:
             entropy = tl.zeros((), tl.float32)
             grad_entropy = tl.zeros((), tl.float32)
-        target = _load_target(targets_ptr, row, V)
+        target = _load_target_or_absent(targets_ptr, row, V)
         num_full = (V - 1) // BLOCK_V
         tail = _load_tile(row_ptr + num_full * BLOCK_V, tl.arange(0, BLOCK_V), V - num_full * BLOCK_V, True,
                           "evict_first")
         _write_row_gradient(
             row_ptr, grad_ptr + tl.cast(row, tl.int64) * grad_row_stride, V, target,
-            tl.load(logprobs_ptr + row) * LOG2E, tail, scale, inv_temperature, tl.load(lse_ptr + 2 * row),
-            tl.load(lse_ptr + 2 * row + 1),
-            entropy, tl.load(grad_logprobs_ptr + row), grad_entropy, HAS_GRAD_ENTROPY, BLOCK_V,
+            tl.load(logprobs_ptr + row, mask=target >= 0, other=0.0) * LOG2E, tail, scale, inv_temperature,
+            tl.load(lse_ptr + 2 * row), tl.load(lse_ptr + 2 * row + 1), entropy, tl.load(grad_logprobs_ptr + row),
+            grad_entropy, HAS_GRAD_ENTROPY, BLOCK_V, True,
         )
 
 

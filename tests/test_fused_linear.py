@@ -1,5 +1,7 @@
 """fused_linear_policy_loss / fused_linear_token_logprobs against the logits path by hand."""
 
+import math
+
 import pytest
 import torch
 from conftest import DEVICE
@@ -18,8 +20,8 @@ CHUNKINGS = [None, 16]
 
 @pytest.fixture(autouse=True)
 def small_slices(monkeypatch):
-    """Slices of 32 columns and gradient blocks of a few rows at the tests' sizes, so that the
-    merge across slices and the row blocks are exercised (the defaults give one slice here)."""
+    """Slices of 32 columns at the tests' sizes, so that the merge across slices and the rows
+    whose target lies in another slice are exercised (the defaults give one slice here)."""
     monkeypatch.setattr(fused_linear_algorithms, "SLICE_MEMORY_FLOOR_BYTES", 0)
     monkeypatch.setattr(fused_linear_algorithms, "SLICE_COLUMN_MULTIPLE", 32)
 
@@ -60,9 +62,15 @@ def near_linear_logprobs(kw, hidden, weight, bias, targets, seed):
             kw[name] = (true_logp + spread * noise).float()
 
 
-def check(backend, num_rows, hidden_size, vocab, options, *, chunk_size, with_bias, seed, dtype=torch.float32):
+def check(backend, num_rows, hidden_size, vocab, options, *, chunk_size, with_bias, seed, dtype=torch.float32,
+          active_targets=None):
+    """The fused op against the float64 logits path; (its output, the leaves with their
+    gradients). `active_targets`: the targets of the rows of nonzero weight, in turn."""
     hidden, weight, bias = make_linear(num_rows, hidden_size, vocab, dtype, seed, with_bias)
     _, targets, advantages, weights, kw = make_case(num_rows, vocab, torch.float32, options, seed=seed, device=DEVICE)
+    if active_targets is not None:
+        active = (weights != 0).nonzero()[:, 0]
+        targets[active] = active_targets.to(DEVICE).repeat(len(active) // len(active_targets) + 1)[:len(active)]
     near_linear_logprobs(kw, hidden, weight, bias, targets, seed)
     oracle, oracle_grads = reference(hidden, weight, bias, targets, advantages, weights, kw, torch.float64)
     leaves = [t.clone().requires_grad_(True) if t is not None else None for t in (hidden, weight, bias)]
@@ -79,7 +87,7 @@ def check(backend, num_rows, hidden_size, vocab, options, *, chunk_size, with_bi
         for leaf, expected, pytorch in zip([t for t in leaves if t is not None], oracle_grads, eager_grads):
             assert leaf.grad.dtype == dtype
             assert_close_to_oracle("grad", leaf.grad, expected, pytorch, dtype)
-    return out
+    return out, leaves
 
 
 @pytest.mark.parametrize("chunk_size", CHUNKINGS, ids=str)
@@ -87,7 +95,7 @@ def check(backend, num_rows, hidden_size, vocab, options, *, chunk_size, with_bi
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_every_option_matches_logits_path(backend, options, chunk_size):
     # 50 rows in chunks of 16 (the last one ragged), or V = 211 in 7 slices of 32 columns
-    # (the last one ragged) and gradient blocks of 1 row. H = 37 and V = 211 are prime.
+    # (the last one ragged). H = 37 and V = 211 are prime.
     check(backend, 50, 37, 211, OPTION_SETS[options], chunk_size=chunk_size, with_bias=options == "everything",
           seed=11)
 
@@ -115,6 +123,29 @@ def test_odd_shapes_and_chunks(backend, num_rows, hidden_size, vocab, chunk_size
 def test_bfloat16(backend, chunk_size):
     check(backend, 24, 32, 300, OPTION_SETS["old-logprobs"], chunk_size=chunk_size, with_bias=False, seed=3,
           dtype=torch.bfloat16)
+
+
+# V = 211 in 7 slices of 32 columns (small_slices): targets at both edges of the first slice,
+# in a middle one and at both ends of the ragged last one.
+SLICE_EDGE_TARGETS = torch.tensor([0, 31, 32, 100, 191, 192, 210])
+
+
+# Half precision without the clip-bound-heavy "everything" set: there the loss of bf16 logits
+# (row chunks' as the split's) lands 0.007 from float64 where eager bf16's errors happen to cancel.
+@pytest.mark.parametrize("options, dtype, with_bias", [
+    ("everything", torch.float32, True), ("old-logprobs", torch.float32, False),
+    ("old-logprobs", torch.bfloat16, False), ("entropy", torch.bfloat16, True), ("old-logprobs", torch.float16, True),
+], ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_split_targets_in_first_middle_and_last_slices(backend, with_bias, options, dtype):
+    """Each slice's gradient from the backend's logprob_backward: a row's one-hot term in the
+    slice holding its target only, and rows of weight 0 contributing nothing."""
+    _, leaves = check(backend, 49, 37, 211, OPTION_SETS[options], chunk_size=None, with_bias=with_bias, seed=21,
+                      dtype=dtype, active_targets=SLICE_EDGE_TARGETS)
+    weights = make_case(49, 211, torch.float32, OPTION_SETS[options], seed=21, device=DEVICE)[3]
+    ignored = weights == 0
+    assert ignored.any()
+    assert (leaves[0].grad[ignored] == 0).all()
 
 
 def test_frozen_head_gets_no_weight_gradient():
@@ -152,14 +183,13 @@ def test_token_logprobs(backend, chunk_size):
     torch.testing.assert_close(ent.double(), expected[1], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("with_entropy, with_bias, chunk_size", [(True, True, 7), (True, False, 64), (False, True, 5)])
-def test_token_logprobs_gradients_match_float64(backend, with_entropy, with_bias, chunk_size):
-    """Both outputs are differentiable in hidden, weight and bias, as the float64 logits path is."""
-    hidden, weight, bias = make_linear(23, 17, 301, torch.float32, 11, with_bias)
+def check_token_logprobs(backend, vocab, targets, *, with_entropy, with_bias, chunk_size):
+    """Outputs and gradients of fused_linear_token_logprobs against the float64 logits path."""
+    num_rows = targets.shape[0]
+    hidden, weight, bias = make_linear(num_rows, 17, vocab, torch.float32, 11, with_bias)
     gen = torch.Generator().manual_seed(12)
-    targets = torch.randint(0, 301, (23,), generator=gen).to(DEVICE)
-    grad_logp, grad_ent = (torch.randn(23, generator=gen).to(DEVICE) for _ in range(2))
+    targets = targets.to(DEVICE)
+    grad_logp, grad_ent = (torch.randn(num_rows, generator=gen).to(DEVICE) for _ in range(2))
     leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias) if t is not None]
     out = fused_linear_token_logprobs(leaves[0], leaves[1], targets, bias=leaves[2] if with_bias else None,
                                       temperature=0.7, return_entropy=with_entropy, chunk_size=chunk_size,
@@ -171,9 +201,26 @@ def test_token_logprobs_gradients_match_float64(backend, with_entropy, with_bias
     exact = [t.double().requires_grad_(True) for t in leaves]
     logits = exact[0] @ exact[1].t() + (exact[2] if with_bias else 0)
     logp64, ent64, _ = logprobs_and_entropy(logits, targets, 0.7)
+    torch.testing.assert_close(logp.double(), logp64.detach(), atol=1e-5, rtol=1e-5)
     objective64 = (grad_logp.double() * logp64).sum() + ((grad_ent.double() * ent64).sum() if with_entropy else 0)
     for got, want in zip(grads, torch.autograd.grad(objective64, exact)):
         torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("with_entropy, with_bias, chunk_size", [(True, True, 7), (True, False, 64), (False, True, 5)])
+def test_token_logprobs_gradients_match_float64(backend, with_entropy, with_bias, chunk_size):
+    """Both outputs are differentiable in hidden, weight and bias, as the float64 logits path is."""
+    targets = torch.randint(0, 301, (23,), generator=torch.Generator().manual_seed(13))
+    check_token_logprobs(backend, 301, targets, with_entropy=with_entropy, with_bias=with_bias, chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("with_entropy, with_bias", [(True, True), (True, False), (False, False)])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_token_logprobs_split_targets_in_first_middle_and_last_slices(backend, with_entropy, with_bias):
+    """chunk_size None: the forward's vocabulary split (7 slices of V = 211), its backward by rows."""
+    check_token_logprobs(backend, 211, SLICE_EDGE_TARGETS.repeat(3), with_entropy=with_entropy, with_bias=with_bias,
+                         chunk_size=None)
 
 
 def test_token_logprobs_gradient_of_entropy_alone():
@@ -211,15 +258,15 @@ def test_bad_input(change, named):
 def test_vocab_slice_size(monkeypatch):
     monkeypatch.undo()  # the real sizes, not the small_slices fixture's
     for num_rows, vocab, itemsize in ((16_384, 151_936, 2), (4096, 151_936, 2), (8192, 32_000, 4), (10, 100, 4)):
-        columns, block_rows = vocab_slice_size(num_rows, vocab, itemsize)
+        columns = vocab_slice_size(num_rows, vocab, itemsize)
         budget = max(0.01 * num_rows * vocab * itemsize, 32 << 20)
-        # The slice of logits and the float32 temporaries of one block fit the budget.
-        assert num_rows * columns * itemsize + block_rows * columns * 8 <= budget
+        # The slice of logits fits the budget (its gradient is written over it, no temporaries).
+        assert num_rows * columns * itemsize <= budget
         assert columns == vocab or columns % 128 == 0
-    # Qwen2's vocabulary at 16K bf16 tokens: 640-column slices (238 of them) in 1% of the logits.
-    assert vocab_slice_size(16_384, 151_936, 2) == (640, 4861)
+    # Qwen2's vocabulary at 16K bf16 tokens: 1,408-column slices (108 of them) in 1% of the logits.
+    assert vocab_slice_size(16_384, 151_936, 2) == 1408
     # A vocabulary narrower than a slice is one slice.
-    assert vocab_slice_size(10, 100, 4)[0] == 100
+    assert vocab_slice_size(10, 100, 4) == 100
 
 
 def test_row_chunks_within_budget(monkeypatch):
@@ -302,3 +349,14 @@ def test_token_logprobs_compiles_forward_and_backward():
     compiled = torch.autograd.grad(torch.compile(objective, fullgraph=True)(*leaves), leaves)
     for got, want in zip(compiled, eager):
         torch.testing.assert_close(got, want)
+
+
+def test_split_passes_the_merged_lse_in_two_float32_parts():
+    """The float64 lse of the merge reaches each slice's backward as float32 (high, low), the
+    two-part lse of backends.py: their sum keeps ~48 bits, where one float32 keeps 24."""
+    values = torch.tensor([1e4 + 1 / 3, -7.25, 123456.789012345, -math.inf], dtype=torch.float64)
+    parts = fused_linear_algorithms._float32_parts(values)
+    assert parts.dtype == torch.float32 and parts.shape == (4, 2)
+    finite = values.isfinite()
+    torch.testing.assert_close(parts[finite].double().sum(-1), values[finite], rtol=1e-13, atol=0)
+    assert parts[~finite, 0].item() == -math.inf

@@ -146,12 +146,23 @@ SIRI_HOST_DEVICE TokenLoss token_loss(float logp, float entropy, int64_t row, co
   return {weight * l, kl, clip_code, weight * dl_dlogp, -weight * s.entropy_coef};
 }
 
+SIRI_HOST_DEVICE int64_t stored_target(const RowsView& rows, int64_t row) {
+  return rows.targets_int64 ? static_cast<const int64_t*>(rows.targets)[row]
+                            : static_cast<const int32_t*>(rows.targets)[row];
+}
+
 // Target index of a row, clamped into [0, V): validation rejects out-of-range targets
 // before any launch; the clamp only keeps a run with SIRI_VALIDATE=0 inside the row.
 SIRI_HOST_DEVICE int64_t load_target(const RowsView& rows, int64_t row) {
-  const int64_t y = rows.targets_int64 ? static_cast<const int64_t*>(rows.targets)[row]
-                                       : static_cast<const int32_t*>(rows.targets)[row];
+  const int64_t y = stored_target(rows, row);
   return y < 0 ? 0 : (y >= rows.vocab ? rows.vocab - 1 : y);
+}
+
+// Target index of a row for logprob_backward: as load_target, but a negative target stays -1,
+// meaning the row's target lies outside these columns (kernels/backends.py): no one-hot term.
+SIRI_HOST_DEVICE int64_t load_target_or_absent(const RowsView& rows, int64_t row) {
+  const int64_t y = stored_target(rows, row);
+  return y < 0 ? -1 : (y >= rows.vocab ? rows.vocab - 1 : y);
 }
 
 }  // namespace siri

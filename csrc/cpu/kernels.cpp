@@ -134,10 +134,11 @@ SoftmaxStats row_stats(const T* row, int64_t vocab, float inv_t) {
 // k2 = -e / tau, plus c / tau at the target: an entry of probability 0 takes no entropy term
 // (0 log 0 = 0) and otherwise IEEE arithmetic holds (an infinite or NaN c gives NaN), as in
 // reference.logits_gradient. The target's entry is written last, from its logit x_target
-// read before this pass (which may be overwriting the logits in place). The row's
-// log-sum-exp comes in two parts, lse_hi + lse_lo (its maximum and log s where the pass has
-// them): log p = (u - lse_hi) - lse_lo keeps the digits of log s that lse_hi + lse_lo, one
-// float, rounds away at large |u| (all of log 2 for two tied maxima at |u| ~ 1e31).
+// read before this pass (which may be overwriting the logits in place); a negative target
+// (none in these columns) takes no one-hot term. The row's log-sum-exp comes in two parts,
+// lse_hi + lse_lo (its maximum and log s where the pass has them): log p = (u - lse_hi) - lse_lo
+// keeps the digits of log s that lse_hi + lse_lo, one float, rounds away at large |u| (all of
+// log 2 for two tied maxima at |u| ~ 1e31).
 template <typename T, bool kEntropyTerm>
 void write_row_gradient(const T* row, T* grad_row, int64_t vocab, int64_t target, float x_target, float inv_t,
                         float lse_hi, float lse_lo, float entropy, float c, float e) {
@@ -161,7 +162,7 @@ void write_row_gradient(const T* row, T* grad_row, int64_t vocab, int64_t target
     return p * (k1 + k2 * (p > 0.0f ? log_p + entropy : 0.0f));
   };
   for (int64_t j = vec_end; j < vocab; ++j) grad_row[j] = static_cast<T>(scalar_grad(static_cast<float>(row[j])));
-  grad_row[target] = static_cast<T>(scalar_grad(x_target) + c * inv_t);
+  if (target >= 0) grad_row[target] = static_cast<T>(scalar_grad(x_target) + c * inv_t);
 }
 
 template <typename T>
@@ -243,9 +244,10 @@ void logprob_backward_typed(const LogprobBackwardArgs& args, int64_t begin, int6
   const bool entropy_term = args.grad_entropy != nullptr;
   for (int64_t t = begin; t < end; ++t) {
     const T* row = logits_row<T>(rows, t);
-    const int64_t target = load_target(rows, t);
-    write_row_gradient(row, grad_row<T>(rows, t), rows.vocab, target, static_cast<float>(row[target]),
-                       args.inv_temperature, args.lse[2 * t], args.lse[2 * t + 1], entropy_term ? args.entropy[t] : 0.0f,
+    const int64_t target = load_target_or_absent(rows, t);
+    const float x_target = target >= 0 ? static_cast<float>(row[target]) : 0.0f;
+    write_row_gradient(row, grad_row<T>(rows, t), rows.vocab, target, x_target, args.inv_temperature,
+                       args.lse[2 * t], args.lse[2 * t + 1], entropy_term ? args.entropy[t] : 0.0f,
                        args.grad_logprobs[t], entropy_term ? args.grad_entropy[t] : 0.0f, entropy_term);
   }
 }

@@ -344,13 +344,15 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// A row with a negative target (none in these columns, kernels/backends.py) matches no j of
+// grad_entry: no one-hot term.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) logprob_backward_kernel(LogprobBackwardArgs args, int64_t chunk_size) {
   const int64_t t = blockIdx.x;
   const RowsView& rows = args.rows;
   const bool entropy_term = args.grad_entropy != nullptr;
   const RowGrad g = make_row_grad(args.lse[2 * t], args.lse[2 * t + 1], entropy_term ? args.entropy[t] : 0.0f, args.grad_logprobs[t],
-                                  entropy_term ? args.grad_entropy[t] : 0.0f, load_target(rows, t),
+                                  entropy_term ? args.grad_entropy[t] : 0.0f, load_target_or_absent(rows, t),
                                   args.inv_temperature);
   const int64_t begin = blockIdx.y * chunk_size;
   const int64_t end = begin + chunk_size < rows.vocab ? begin + chunk_size : rows.vocab;
