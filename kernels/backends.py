@@ -33,7 +33,7 @@ logprob_backward(logits, targets, temperature, lse, logprobs, entropy, grad_logp
                  grad_entropy, grad_logits)
     grad_logits = reference.logits_gradient(logits, targets, temperature, (m, log s), entropy,
     c=grad_logprobs, e=grad_entropy) with `lse` [T, 2] as logprob_rows writes it (its two
-    columns may be any split of the log-sum-exp, e.g. a float64 value's high and low parts):
+    columns may be any split of the log-sum-exp, e.g. the merged rows of the vocabulary split):
     d(g logp + h H) / d logits (the entropy term only when grad_entropy is not None). A row
     whose target is negative has no one-hot term: its target lies outside these columns (the
     vocabulary split of `fused_linear_algorithms.py` passes one slice of a row at a time, with

@@ -7,13 +7,13 @@ slices of s columns; one [T, s] slice of logits exists at a time (one buffer, re
 
     statistics pass, per slice:  logits_s = hidden @ weight_s.T (+ bias_s); the backend's
         `logprob_rows` gives each row's log-sum-exp, entropy and target log-prob within
-        the slice, merged across slices into the row's (online, in float64 over [T]);
+        the slice, merged across slices into the row's (online over [T], `RowStatistics`);
     per-token loss:  `reference.per_token_loss` on [T] vectors gives c = d loss / d logp
         and e = d loss / d H;
     gradient pass, per slice:  logits_s recomputed and overwritten with d loss / d logits_s
         by the backend's `logprob_backward` (one fused pass over the slice, from the whole
-        rows' entropy and float64 lse, handed over as two float32 parts; a row whose target
-        lies in another slice has target -1 there, so no one-hot term), then
+        rows' entropy and lse in the backend's own two-part form; a row whose target lies in
+        another slice has target -1 there, so no one-hot term), then
         grad_weight[slice] = dlogits_s.T @ hidden          written once, one GEMM over T
         grad_hidden       += dlogits_s @ weight_s          float32 accumulator
         grad_bias[slice]   = dlogits_s.sum(0)
@@ -134,37 +134,72 @@ def _half_grad_buffer(like: torch.Tensor, zero: bool) -> torch.Tensor:
 
 
 class RowStatistics:
-    """Log-sum-exp, entropy and target logit of every row, merged slice by slice.
+    """Log-sum-exp, entropy and target log-prob of every row, merged slice by slice.
 
-    A slice s gives lse_s, its own entropy H_s and (where the target falls in it) the
-    target's u_y, read from the slice's logits as the kernels read it. Over slices, lse = logsumexp_s lse_s and, with
-    slice masses w_s = exp(lse_s - lse), H = sum_s w_s (H_s - log w_s): kept as the
-    running sums of w_s H_s and -w_s log w_s relative to the running lse, in float64.
+    A slice s gives, from the backend's `logprob_rows` (its unit `lse_base`, its rounding of
+    u = logits / temperature), lse_s as (m_s, l_s) with lse_s = m_s + l_s, its own entropy
+    H_s and (where the target falls in it) the target's log-prob within the slice, q_s.
+    The row's lse is kept in the same two-part form: M, the largest m_s of a slice with mass
+    (a float32 value the kernels themselves rounded), and R = log sum_s exp(lse_s - M) in
+    float64. Everything below is a difference from M, in the kernels' own rounding of u, so
+    its error is relative to O(log V) numbers, never to |u|. (A float64 lse against the
+    target's u re-read from the logits mixed two roundings of u: log-probs above 0 from a
+    temperature of 1e-3 on, 4.7 nats off at 1e-7.)
+
+        log w_s = lse_s - lse = (m_s - M) + l_s - R         (in nats)
+        log p_y = q_s + log w_s                              (s the slice holding y)
+        H       = sum_s w_s (H_s - log w_s)
+
+    H is kept as the running sums of w_s H_s and -w_s log w_s relative to the running total.
     """
 
-    def __init__(self, num_rows: int, device: torch.device):
+    def __init__(self, num_rows: int, device: torch.device, lse_base: float):
         make = lambda value: torch.full((num_rows,), value, dtype=torch.float64, device=device)  # noqa: E731
-        self.lse = make(-math.inf)
-        self.mass_entropy, self.slice_entropy, self.target_logit = make(0.0), make(0.0), make(0.0)
+        self._to_nats = math.log(lse_base)
+        # M before any slice with mass: the first slice's m_s (the kernels' own value for a
+        # row with no mass, so that a row empty in every slice reaches the backward as theirs).
+        self.max, self.log_sum = None, make(-math.inf)
+        self.mass_entropy, self.slice_entropy = make(0.0), make(0.0)
+        self.target_logprob, self.target_max, self.target_log_sum = make(math.nan), make(0.0), make(-math.inf)
 
-    def merge(self, lse_s, entropy_s, target_logit_s, holds_target) -> None:
-        lse_s, entropy_s = lse_s.double(), entropy_s.double()
-        lse = torch.logaddexp(self.lse, lse_s)
-        old, new = torch.exp(self.lse - lse), torch.exp(lse_s - lse)  # 0 for the -inf start
-        # -sum w log w over the slices so far, re-based from the old total lse to the new one.
-        shift = self.lse - lse
-        # A slice whose logits are all -inf (lse_s = -inf) has no mass and adds nothing.
-        self.mass_entropy = old * (self.mass_entropy - torch.where(old > 0, shift, 0.0)) \
-            - torch.where(new > 0, new * (lse_s - lse), 0.0)
-        self.slice_entropy = old * self.slice_entropy + torch.where(new > 0, new * entropy_s, 0.0)
-        self.target_logit = torch.where(holds_target, target_logit_s, self.target_logit)
-        self.lse = lse
+    def merge(self, lse_s, entropy_s, logprobs_s, holds_target) -> None:
+        """Fold in one slice: `lse_s` [T, 2] and `entropy_s`, `logprobs_s` [T] float32 as
+        `logprob_rows` wrote them; `holds_target` [T] bool."""
+        m_s, l_s = lse_s[:, 0].double(), lse_s[:, 1].double()
+        has_mass, had_mass = l_s > -math.inf, self.log_sum > -math.inf
+        if self.max is None:
+            self.max = m_s
+        new_max = torch.where(has_mass, torch.where(had_mass, torch.maximum(self.max, m_s), m_s), self.max)
+        minus_inf = torch.full_like(m_s, -math.inf)
+        # The running total and the slice's, relative to the new M, in nats.
+        old = torch.where(had_mass, (self.max - new_max) * self._to_nats + self.log_sum, minus_inf)
+        new = torch.where(has_mass, ((m_s - new_max) + l_s) * self._to_nats, minus_inf)
+        total = torch.logaddexp(old, new)
+        log_w_old = torch.where(had_mass, old - total, minus_inf)  # log of the old slices' share
+        log_w_new = torch.where(has_mass, new - total, minus_inf)
+        w_old, w_new = torch.exp(log_w_old), torch.exp(log_w_new)
+        # -sum w log w over the slices so far, re-based onto the new total. A slice with no
+        # mass (all its logits -inf: lse_s's l_s = -inf, H_s NaN) adds nothing.
+        self.mass_entropy = w_old * (self.mass_entropy - torch.where(w_old > 0, log_w_old, 0.0)) \
+            - torch.where(w_new > 0, w_new * log_w_new, 0.0)
+        self.slice_entropy = w_old * self.slice_entropy + torch.where(w_new > 0, w_new * entropy_s.double(), 0.0)
+        self.max, self.log_sum = new_max, total
+        self.target_logprob = torch.where(holds_target, logprobs_s.double(), self.target_logprob)
+        self.target_max = torch.where(holds_target, m_s, self.target_max)
+        self.target_log_sum = torch.where(holds_target, l_s, self.target_log_sum)
 
     def logprobs(self) -> torch.Tensor:
-        return (self.target_logit - self.lse).float()
+        log_w = ((self.target_max - self.max) + self.target_log_sum) * self._to_nats - self.log_sum
+        # A target in a slice with no mass (all -inf there, the slice's q_s NaN) has p = 0.
+        return torch.where(self.target_log_sum > -math.inf, self.target_logprob + log_w, -math.inf).float()
 
     def entropy(self) -> torch.Tensor:
         return (self.slice_entropy + self.mass_entropy).float()
+
+    def lse_parts(self) -> torch.Tensor:
+        """The rows' lse as `logprob_backward` reads it: float32 [T, 2] (M, R) in the backend's
+        unit; M is exact in float32, R is O(log V)."""
+        return torch.stack((self.max.float(), (self.log_sum / self._to_nats).float()), dim=-1)
 
 
 def _slice_targets(targets, active, columns: slice):
@@ -178,28 +213,16 @@ def _slice_targets(targets, active, columns: slice):
 def _vocab_statistics(hidden, weight, bias, targets, active, temperature, impl, slice_size,
                       buffer: LogitsBuffer) -> RowStatistics:
     num_rows = hidden.shape[0]
-    stats = RowStatistics(num_rows, hidden.device)
+    stats = RowStatistics(num_rows, hidden.device, impl.lse_base)
     make = lambda: hidden.new_empty(num_rows, dtype=torch.float32)  # noqa: E731
     logp_s, entropy_s, lse_s = make(), make(), lse_buffer(num_rows, hidden.device)
-    all_rows = torch.arange(num_rows, device=hidden.device)
-    lse_to_nats = math.log(impl.lse_base)  # the backend's lse may be in base 2 (backends.py)
     for columns in _spans(weight.shape[0], slice_size):
         logits = buffer.linear(hidden, weight[columns], _pick(bias, columns))
         local = _slice_targets(targets, active, columns)
-        # A row whose target is elsewhere reads some entry here: its target log-prob is not kept.
-        in_slice = local.clamp(min=0)
-        impl.logprob_rows(logits, in_slice, temperature, logp_s, entropy_s, lse_s)
-        # logp = u_y - lse from the logit itself (not logp_s + lse_s: two more roundings).
-        stats.merge(lse_s.double().sum(-1) * lse_to_nats, entropy_s, logits[all_rows, in_slice].double() / temperature,
-                    local >= 0)
+        # A row whose target is elsewhere reads some entry here: its log-prob is not kept.
+        impl.logprob_rows(logits, local.clamp(min=0), temperature, logp_s, entropy_s, lse_s)
+        stats.merge(lse_s, entropy_s, logp_s, local >= 0)
     return stats
-
-
-def _float32_parts(values: torch.Tensor) -> torch.Tensor:
-    """float64 [T] as float32 [T, 2] (high, low) summing to it: the two-part lse of backends.py,
-    which keeps log p = (u - high) - low as exact as float32 u allows at large |u|."""
-    high = values.float()
-    return torch.stack((high, (values - high.double()).float()), dim=-1)
 
 
 def vocab_split_policy_loss(hidden, weight, bias, targets, advantages, weights, old, ref, rollout, cfg: LossConfig,
@@ -221,7 +244,7 @@ def vocab_split_policy_loss(hidden, weight, bias, targets, advantages, weights, 
     # A row of weight 0 has c = e = 0 and no target in any slice: -p_j (0 + 0) = 0 everywhere.
     c = torch.where(active, weights * slope, zero)
     e = torch.where(active, -cfg.entropy_coef * weights, zero) if cfg.has_entropy_grad else None
-    lse = _float32_parts(stats.lse / math.log(impl.lse_base))  # the whole rows', in the backend's unit
+    lse = stats.lse_parts()  # the whole rows'
     hidden_grad = _half_grad_buffer(hidden, zero=True) if grad_hidden else None
     weight_grad = torch.empty_like(weight) if grad_weight else None
     bias_grad = torch.empty(weight.shape[0], dtype=torch.float32, device=hidden.device) \

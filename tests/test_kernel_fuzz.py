@@ -18,7 +18,7 @@ import os
 import pytest
 import torch
 from conftest import DEVICE
-from kernel_cases import ATOL, backends_on, bf16_ulp, interpreter_truncates_bf16
+from kernel_cases import ATOL, U_ROUNDING, backends_on, bf16_ulp, interpreter_truncates_bf16, largest_u
 
 from siri.kernels import policy_loss, token_logprobs
 from siri.kernels.config import KL_ESTIMATORS, LossConfig
@@ -73,20 +73,6 @@ def logit_cases(draw):
     weights[ignored] = 0.0
     targets[ignored] = torch.where(torch.rand(int(ignored.sum()), generator=gen) < 0.5, -100, vocab + 7)
     return logits, targets, temperature, weights, extreme, gen
-
-
-# float32's relative spacing: u = logits / temperature, rounded to float32 by every
-# implementation (PyTorch's too), carries an error up to this times |u|; whatever a
-# result's scale, it moves by that much of it (p, and so the gradient, by its relative
-# error in u). One sample of PyTorch's rounding can be luckier than that; a kernel rounding
-# u otherwise (Triton's base 2) is held to float32's own bound.
-U_ROUNDING = 2.0**-23
-
-
-def largest_u(logits, temperature) -> float:
-    """max |logits / temperature| over the finite logits (0 when there are none)."""
-    finite = logits[torch.isfinite(logits)]
-    return finite.double().abs().max().item() / temperature if finite.numel() else 0.0
 
 
 def check(name, actual, oracle, eager, dtype, *, truncated_bf16=False, u_max=0.0):
