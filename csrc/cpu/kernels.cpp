@@ -110,15 +110,22 @@ SoftmaxStats row_stats(const T* row, int64_t vocab, float inv_t) {
       s = s * r;
       m = new_max;
     }
+    // The block's sums start from 0 and join the row's once: each lane adds kBlock / kStep
+    // terms in turn, then one per block. A single running sum per lane over the whole row
+    // (9,500 terms at V = 151,936 with AVX2's 8 lanes) put float32 rounding of
+    // sqrt(9500) ulp into a, 30x PyTorch's pairwise sum in the entropy.
     const Vec scale(inv_t), neg_m(-m);
+    Vec block_s(0.0f), block_a(0.0f);
     for (int64_t j = start; j < vec_end; j += kStep) {
       Io<T>::load(row + j, x0, x1);
       const Vec d0 = at::vec::maximum(x0 * scale + neg_m, lowest);
       const Vec d1 = at::vec::maximum(x1 * scale + neg_m, lowest);
       const Vec e0 = d0.exp_u20(), e1 = d1.exp_u20();
-      s = s + (e0 + e1);
-      if (kEntropy) a = at::vec::fmadd(e1, d1, at::vec::fmadd(e0, d0, a));
+      block_s = block_s + (e0 + e1);
+      if (kEntropy) block_a = at::vec::fmadd(e1, d1, at::vec::fmadd(e0, d0, block_a));
     }
+    s = s + block_s;
+    if (kEntropy) a = a + block_a;
     for (int64_t j = vec_end; j < end; ++j) {
       const float d = std::max(static_cast<float>(row[j]) * inv_t - m, kLowest);
       const float e = std::exp(d);
