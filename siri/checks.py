@@ -30,7 +30,8 @@ FRACTION_DOMAIN = "in (0, 1]"
 
 
 def is_fraction(value) -> bool:
-    return isinstance(value, (int, float)) and 0 < value <= 1
+    # Not a bool: True == 1 would pass as "all of it" where a flag was given by mistake.
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1
 
 
 # A size, a rate, a number of seconds or steps: more than nothing, and finite (an infinite

@@ -105,7 +105,7 @@ def test_settings_from_config():
 
 
 @pytest.mark.parametrize("field,value", [("n", 0), ("temperature", 0.0), ("temperature", float("nan")),
-                                         ("top_p", 0.0), ("top_p", 1.5), ("max_tokens", 0), ("top_k", 1.5),
+                                         ("top_p", 0.0), ("top_p", 1.5), ("top_p", True), ("max_tokens", 0), ("top_k", 1.5),
                                          ("seed", "7")])
 def test_settings_reject_bad_values(field, value):
     with pytest.raises(ValueError, match=field):
