@@ -156,9 +156,8 @@ class RowStatistics:
     def __init__(self, num_rows: int, device: torch.device, lse_base: float):
         make = lambda value: torch.full((num_rows,), value, dtype=torch.float64, device=device)  # noqa: E731
         self._to_nats = math.log(lse_base)
-        # M before any slice with mass: the first slice's m_s (the kernels' own value for a
-        # row with no mass, so that a row empty in every slice reaches the backward as theirs).
-        self.max, self.log_sum = None, make(-math.inf)
+        # A row with no mass in any slice ends as (0, -inf), the reference's lse of such a row.
+        self.max, self.log_sum = make(0.0), make(-math.inf)
         self.mass_entropy, self.slice_entropy = make(0.0), make(0.0)
         self.target_logprob, self.target_max, self.target_log_sum = make(math.nan), make(0.0), make(-math.inf)
 
@@ -167,16 +166,13 @@ class RowStatistics:
         `logprob_rows` wrote them; `holds_target` [T] bool."""
         m_s, l_s = lse_s[:, 0].double(), lse_s[:, 1].double()
         has_mass, had_mass = l_s > -math.inf, self.log_sum > -math.inf
-        if self.max is None:
-            self.max = m_s
         new_max = torch.where(has_mass, torch.where(had_mass, torch.maximum(self.max, m_s), m_s), self.max)
-        minus_inf = torch.full_like(m_s, -math.inf)
         # The running total and the slice's, relative to the new M, in nats.
-        old = torch.where(had_mass, (self.max - new_max) * self._to_nats + self.log_sum, minus_inf)
-        new = torch.where(has_mass, ((m_s - new_max) + l_s) * self._to_nats, minus_inf)
+        old = torch.where(had_mass, (self.max - new_max) * self._to_nats + self.log_sum, -math.inf)
+        new = torch.where(has_mass, ((m_s - new_max) + l_s) * self._to_nats, -math.inf)
         total = torch.logaddexp(old, new)
-        log_w_old = torch.where(had_mass, old - total, minus_inf)  # log of the old slices' share
-        log_w_new = torch.where(has_mass, new - total, minus_inf)
+        log_w_old = torch.where(had_mass, old - total, -math.inf)  # log of the old slices' share
+        log_w_new = torch.where(has_mass, new - total, -math.inf)
         w_old, w_new = torch.exp(log_w_old), torch.exp(log_w_new)
         # -sum w log w over the slices so far, re-based onto the new total. A slice with no
         # mass (all its logits -inf: lse_s's l_s = -inf, H_s NaN) adds nothing.
